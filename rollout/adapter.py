@@ -1,0 +1,148 @@
+"""Model adapter: everything model-specific about a masked diffusion LM, held as data.
+
+The sampler, the rewards and the trainers never branch on the model family; they read an `MDLMAdapter`:
+the mask id, whether logits are shifted (Dream predicts token i from position i-1), the EOS/EoT ids, the
+context length, and how to call the network. Any `nn.Module` whose `forward(input_ids, attention_mask)`
+returns an object with `.logits` works: native transformers bidirectional models, LLaDA/Dream remote
+code, and test doubles.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MDLMAdapter:
+    """How to run one masked diffusion model.
+
+    Attributes:
+        model: the network; `forward(input_ids, attention_mask)` must return `.logits` of shape [B, L, V].
+        mask_id: id of the mask token (read from the tokenizer, never hard-coded).
+        pad_id: id used for left padding of prompts.
+        eos_ids: end-of-sequence / end-of-turn ids (used to pad gold answers and to cut decoded text).
+        shift_logits: True for models that predict token i from position i-1 (Dream); logits are shifted
+            right by one before any entropy, likelihood or sampling.
+        max_length: the model's context length, or None when unknown.
+        attention_mask_style: "keys" passes the [B, L] key padding mask; "pairwise" passes a boolean
+            [B, 1, L, L] mask (Dream's remote code); "none" passes no mask (only valid without padding).
+    """
+
+    model: nn.Module
+    mask_id: int
+    pad_id: int
+    eos_ids: tuple[int, ...] = ()
+    shift_logits: bool = False
+    max_length: int | None = None
+    attention_mask_style: str = "keys"
+    forward_seconds: float = field(default=0.0, init=False)
+    forward_calls: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.attention_mask_style not in ("keys", "pairwise", "none"):
+            raise ValueError(
+                f"attention_mask_style={self.attention_mask_style!r}; use 'keys', 'pairwise' or 'none'."
+            )
+        params = inspect.signature(self.model.forward).parameters
+        # Only pass optional arguments a forward explicitly names: remote code often swallows **kwargs.
+        self._takes_position_ids = "position_ids" in params
+        self._takes_logits_to_keep = "logits_to_keep" in params
+        self._takes_use_cache = "use_cache" in params
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        shift_logits: bool | None = None,
+        attention_mask_style: str | None = None,
+    ) -> MDLMAdapter:
+        """Build an adapter from a model and its tokenizer.
+
+        The mask token comes from `tokenizer.mask_token_id`; a tokenizer without one is an error (masked
+        diffusion needs it). `shift_logits` and the mask style default from the model config: Dream
+        (`model_type == "Dream"`) is shifted and takes a pairwise mask; everything else is not.
+        """
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError(
+                f"Tokenizer {type(tokenizer).__name__} has no mask token, so it cannot drive a masked diffusion "
+                "model. Load the tokenizer that ships with the MDLM (LLaDA: '<|mdm_mask|>', Dream: '<|mask|>'), "
+                "or add one with tokenizer.add_special_tokens({'mask_token': ...}) and resize the embeddings."
+            )
+        config = getattr(model, "config", None)
+        model_type = str(getattr(config, "model_type", "")).lower()
+        is_dream = model_type == "dream"
+        eos = []
+        for name in ("eos_token_id",):
+            value = getattr(tokenizer, name, None)
+            if value is not None:
+                eos.append(int(value))
+        for tok in ("<|eot_id|>", "<|im_end|>", "<|endoftext|>"):
+            tid = tokenizer.convert_tokens_to_ids(tok) if hasattr(tokenizer, "convert_tokens_to_ids") else None
+            if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None) and tid not in eos:
+                eos.append(tid)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else mask_id)
+        max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "max_sequence_length", None)
+        return cls(
+            model=model,
+            mask_id=int(mask_id),
+            pad_id=int(pad_id),
+            eos_ids=tuple(eos),
+            shift_logits=is_dream if shift_logits is None else shift_logits,
+            max_length=int(max_length) if max_length else None,
+            attention_mask_style=attention_mask_style or ("pairwise" if is_dream else "keys"),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int) -> torch.Tensor:
+        """Logits for the last `keep_last` columns, already shifted for shifted models.
+
+        Args:
+            input_ids: [B, L] canvas, left padded.
+            attention_mask: [B, L] 1 for real tokens, 0 for left padding.
+            keep_last: number of trailing columns whose logits are returned (the generation region).
+
+        Returns:
+            [B, keep_last, V] float logits; column j predicts the token at canvas column L - keep_last + j.
+        """
+        batch, length = input_ids.shape
+        if not 0 < keep_last <= length - (1 if self.shift_logits else 0):
+            raise ValueError(f"keep_last={keep_last} must be in [1, {length}) for a canvas of length {length}")
+        kwargs = {}
+        if self.attention_mask_style == "keys":
+            kwargs["attention_mask"] = attention_mask
+        elif self.attention_mask_style == "pairwise":
+            valid = attention_mask.bool()
+            kwargs["attention_mask"] = (valid[:, None, :, None] & valid[:, None, None, :])  # [B, 1, L, L]
+        if self._takes_position_ids:
+            # Positions count real tokens only, so a row's logits do not depend on how much padding it got.
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # A shifted model reads the prediction for column i at column i-1: keep one more column.
+        need = keep_last + (1 if self.shift_logits else 0)
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = need
+        if self._takes_use_cache:
+            kwargs["use_cache"] = False
+        start = time.perf_counter()
+        out = self.model(input_ids=input_ids, **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        logits = logits[:, -need:]
+        if self.shift_logits:
+            logits = logits[:, :-1]
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        self.forward_seconds += time.perf_counter() - start
+        self.forward_calls += 1
+        return logits

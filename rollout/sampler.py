@@ -1,0 +1,280 @@
+"""The one batched sampler for masked diffusion LMs: training rollouts, evaluation, posterior traces, benchmarks.
+
+One step = one forward pass (NFE) over the active rows. From its logits the sampler reads, for free:
+the unmasking scores of every masked position (T=1 distribution), the answer block's entropy sum H_UB(t)
+and, given gold answers, the potential phi(t) = sum_j log p_t(a_j = a*_j). Then:
+
+1. Early exit: a row whose answer block is still fully masked and has H_UB(t) < exit_gamma fills the whole
+   answer block at this step; reasoning positions never decoded stay masked ("not generated").
+2. Otherwise the policy picks positions inside the row's current block. Reasoning positions are decoded in
+   semi-autoregressive blocks of `block_length` (None: the whole reasoning block, any order); the answer block
+   is decoded last, so H_UB and phi are defined at every reasoning step.
+3. Tokens are drawn from softmax(logits / T) by Gumbel-max with fp64 noise from the row's own generator, so a
+   row's output does not depend on the rest of the batch. T = 0 is greedy.
+4. Finished rows leave the batch (compaction), and all-padding leading columns are trimmed.
+
+Deviation from the textbook: the log-prob recorded for greedy decoding (T = 0) is the T=1 log-prob of the
+chosen token (the point mass would give 0 everywhere and carry no information).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rollout.adapter import MDLMAdapter
+from rollout.policies import PolicyConfig, token_stats
+from rollout.template import Canvas
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplerConfig(PolicyConfig):
+    """Unmasking policy plus the sampler's own settings. Field names match the recipe keys."""
+
+    block_length: int | None = None
+    """Semi-AR block length over the reasoning block; None (or R) decodes the reasoning in any order."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy. Scores, H_UB and phi always use T = 1."""
+    exit_gamma: float | None = None
+    """Early exit when the answer block's entropy sum H_UB < exit_gamma (nats). None disables it."""
+    seed: int = 0
+    """Base seed: row i of a batch uses seed + i unless explicit per-row seeds are passed."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_length is not None and self.block_length < 1:
+            raise ValueError(f"block_length must be >= 1 or None, got {self.block_length}.")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if self.exit_gamma is not None and not self.exit_gamma > 0:
+            raise ValueError(f"exit_gamma must be > 0 (an entropy in nats) or None, got {self.exit_gamma}.")
+
+
+@dataclass
+class SampleOutput:
+    """Result of one sampler call. Generation-region tensors are [B, G]; steps are per row, 0-based.
+
+    Attributes:
+        sequences: [B, L] final canvas; never-generated positions still hold the mask id.
+        attention_mask: [B, L].
+        gen_start, reasoning, answer, mask_id: canvas geometry (see `Canvas`).
+        decode_step: [B, G] step at which each position was decoded; -1 = never (prefilled or not generated).
+        token_logprob: [B, G] log-prob of each decoded token under the distribution it was drawn from (0 elsewhere).
+        nfe: [B] forward passes the row took part in.
+        exit_step: [B] step of the early exit, -1 if the row did not exit.
+        h_ub: [B, S] answer-block entropy sum per step (NaN once the answer block is no longer fully masked).
+        phi: [B, S] gold-answer log-likelihood per step (NaN likewise), or None without gold answers.
+        stats: batch accounting (forward calls, wall and forward seconds, tokens decoded).
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    gen_start: int
+    reasoning: slice
+    answer: slice | None
+    mask_id: int
+    decode_step: torch.Tensor
+    token_logprob: torch.Tensor
+    nfe: torch.Tensor
+    exit_step: torch.Tensor
+    h_ub: torch.Tensor
+    phi: torch.Tensor | None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def generation(self) -> torch.Tensor:
+        """[B, G] final tokens of the generation region."""
+        return self.sequences[:, self.gen_start :]
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """[B, G] True for positions the sampler decoded (excludes prefilled and never-generated ones)."""
+        return self.decode_step >= 0
+
+    @property
+    def exited(self) -> torch.Tensor:
+        return self.exit_step >= 0
+
+    def final_index(self, values: torch.Tensor) -> torch.Tensor:
+        """[B] value at each row's last non-NaN step of a [B, S] per-step tensor (NaN if none)."""
+        valid = ~torch.isnan(values)
+        last = (valid.cumsum(-1) == valid.sum(-1, keepdim=True)) & valid
+        idx = last.float().argmax(-1)
+        out = values.gather(-1, idx[:, None]).squeeze(-1)
+        return torch.where(valid.any(-1), out, torch.full_like(out, float("nan")))
+
+    @property
+    def phi_final(self) -> torch.Tensor | None:
+        """[B] phi_T: the gold answer's log-likelihood given the finished (or exited) reasoning."""
+        return None if self.phi is None else self.final_index(self.phi)
+
+    def state_at(self, step: int | torch.Tensor) -> torch.Tensor:
+        """[B, G] generation region as the model saw it at the input of forward `step` (per row if a tensor)."""
+        step = torch.as_tensor(step, device=self.decode_step.device)
+        step = step[:, None] if step.dim() == 1 else step
+        hidden = self.decode_step >= step
+        return torch.where(hidden, torch.full_like(self.generation, self.mask_id), self.generation)
+
+    def row(self, i: int) -> dict:
+        """A JSON-ready trace of row i."""
+        steps = int(self.nfe[i])
+        out = {
+            "nfe": steps,
+            "exit_step": int(self.exit_step[i]),
+            "decode_step": self.decode_step[i].tolist(),
+            "token_logprob": [round(x, 6) for x in self.token_logprob[i].tolist()],
+            "h_ub": [None if x != x else round(x, 6) for x in self.h_ub[i, :steps].tolist()],
+        }
+        if self.phi is not None:
+            out["phi"] = [None if x != x else round(x, 6) for x in self.phi[i, :steps].tolist()]
+        return out
+
+
+def _row_seeds(seeds, batch: int, config: SamplerConfig) -> list[int]:
+    if seeds is None:
+        return [config.seed + i for i in range(batch)]
+    seeds = [int(s) for s in (seeds.tolist() if torch.is_tensor(seeds) else seeds)]
+    if len(seeds) != batch:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {batch} rows.")
+    return seeds
+
+
+def _block_ids(canvas: Canvas, block_length: int | None) -> torch.Tensor:
+    """[G] block index of each generation column: reasoning blocks first, then the answer block."""
+    R = canvas.reasoning.stop - canvas.reasoning.start
+    if block_length is not None and R % block_length:
+        divisors = [d for d in range(1, R + 1) if R % d == 0]
+        raise ValueError(
+            f"block_length={block_length} does not divide the reasoning block of {R} tokens. "
+            f"Use a divisor of {R} (for example {', '.join(map(str, divisors[-6:]))}) or None for any order."
+        )
+    b = block_length or R
+    ids = torch.full((canvas.gen_length,), R // b, dtype=torch.long)  # answer and template columns
+    ids[canvas.reasoning] = torch.arange(R) // b
+    return ids
+
+
+def _draw(logits: torch.Tensor, rows: torch.Tensor, generators: list[torch.Generator], temperature: float):
+    """Draw one token per selected position.
+
+    Args:
+        logits: [N, V] logits of the selected positions, ordered by (row, column).
+        rows: [N] original row index of each selection; noise for row r comes from generators[r] only.
+    Returns:
+        tokens [N] and their log-probs [N] under the distribution they were drawn from.
+    """
+    if temperature == 0:
+        logp = torch.log_softmax(logits.float(), -1)
+        tokens = logp.argmax(-1)
+        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    scaled = logits.double() / temperature
+    noise = torch.empty_like(scaled)
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(rows.cpu()).cumsum(0)])
+    for r in torch.unique(rows).tolist():  # RNG only: each row draws from its own stream
+        lo, hi = bounds[r].item(), bounds[r + 1].item()
+        noise[lo:hi].uniform_(generator=generators[r])
+    gumbel = -torch.log(-torch.log(noise.clamp_(min=torch.finfo(torch.float64).tiny)))
+    tokens = (scaled + gumbel).argmax(-1)
+    logp = torch.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logp.float()
+
+
+@torch.no_grad()
+def sample(
+    adapter: MDLMAdapter,
+    canvas: Canvas,
+    config: SamplerConfig,
+    seeds: list[int] | torch.Tensor | None = None,
+) -> SampleOutput:
+    """Decode every masked position of `canvas` (or exit early) and return the tokens with their trace."""
+    if config.exit_gamma is not None and canvas.answer is None:
+        raise ValueError("exit_gamma needs the 'infill' layout: the 'plain' layout has no answer block to exit to.")
+    if canvas.mask_id != adapter.mask_id:
+        raise ValueError(f"Canvas built with mask id {canvas.mask_id} but the model's mask id is {adapter.mask_id}.")
+    start_time, fwd_start = time.perf_counter(), adapter.forward_seconds
+    device = adapter.device
+    canvas = canvas.to(device)
+    B, L = canvas.input_ids.shape
+    G, g0 = canvas.gen_length, canvas.gen_start
+    ids = canvas.input_ids.clone()
+    n_pads = (canvas.attention_mask == 0).sum(-1)  # [B] left padding per row
+    block = _block_ids(canvas, config.block_length).to(device)  # [G]
+    answer_cols = torch.zeros(G, dtype=torch.bool, device=device)
+    if canvas.answer is not None:
+        answer_cols[canvas.answer] = True
+    max_steps = int(canvas.masked().sum(-1).max().item()) + 1
+    seeds = _row_seeds(seeds, B, config)
+    generators = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(s)
+        generators.append(g)
+
+    decode_step = torch.full((B, G), -1, dtype=torch.long, device=device)
+    token_logprob = torch.zeros((B, G), dtype=torch.float32, device=device)
+    nfe = torch.zeros(B, dtype=torch.long, device=device)
+    exit_step = torch.full((B,), -1, dtype=torch.long, device=device)
+    h_ub = torch.full((B, max_steps), float("nan"), dtype=torch.float64, device=device)
+    phi = h_ub.clone() if canvas.gold is not None else None
+    active = torch.nonzero(canvas.masked().any(-1)).squeeze(-1)  # rows with something to decode
+    forwards = 0
+
+    while active.numel():
+        c0 = int(n_pads[active].min())  # trim columns that are padding in every active row
+        x = ids[active, c0:]  # [b, L - c0]
+        logits = adapter.logits(x, canvas.attention_mask[active, c0:], keep_last=G)  # [b, G, V]
+        forwards += 1
+        masked = x[:, g0 - c0 :] == canvas.mask_id  # [b, G]
+        stats = token_stats(logits)
+        t = nfe[active]  # [b] this forward's step index per row
+        exiting = torch.zeros_like(t, dtype=torch.bool)
+
+        if canvas.answer is not None:
+            fresh = masked[:, canvas.answer].all(-1)  # [b] answer block untouched: H_UB, phi defined
+            hub = stats.entropy[:, canvas.answer].double().sum(-1)  # [b]
+            h_ub[active[fresh], t[fresh]] = hub[fresh]
+            if phi is not None:
+                logp = torch.log_softmax(logits[:, canvas.answer].double(), -1)  # [b, A, V]
+                gold = canvas.gold[active][:, :, None]
+                phi[active[fresh], t[fresh]] = logp.gather(-1, gold).squeeze(-1).sum(-1)[fresh]
+            if config.exit_gamma is not None:
+                exiting = fresh & (hub < config.exit_gamma)
+
+        # Candidates: the row's earliest block with a masked position (the answer block comes last).
+        blk = torch.where(masked, block.expand_as(masked), torch.full_like(masked, G, dtype=torch.long))
+        current = blk.min(-1, keepdim=True).values  # [b, 1]
+        candidates = masked & (blk == current)
+        chosen = config.select(stats, candidates)
+        reasoning_left = (masked & ~answer_cols).any(-1)
+        chosen = torch.where(exiting[:, None], masked & answer_cols, chosen)
+        exit_step[active[exiting & reasoning_left]] = t[exiting & reasoning_left]
+
+        r_idx, c_idx = torch.nonzero(chosen, as_tuple=True)  # row-major: grouped by row, columns ascending
+        tokens, logps = _draw(logits[r_idx, c_idx], active[r_idx], generators, config.temperature)
+        rows = active[r_idx]
+        ids[rows, g0 + c_idx] = tokens
+        decode_step[rows, c_idx] = t[r_idx]
+        token_logprob[rows, c_idx] = logps
+        nfe[active] += 1
+
+        done = exiting | ~(masked & ~chosen).any(-1)
+        active = active[~done]
+
+    wall = time.perf_counter() - start_time
+    stats = {
+        "forwards": forwards,
+        "row_forwards": int(nfe.sum()),
+        "tokens_decoded": int((decode_step >= 0).sum()),
+        "wall_seconds": wall,
+        "forward_seconds": adapter.forward_seconds - fwd_start,
+    }
+    return SampleOutput(
+        sequences=ids, attention_mask=canvas.attention_mask, gen_start=g0, reasoning=canvas.reasoning,
+        answer=canvas.answer, mask_id=canvas.mask_id, decode_step=decode_step, token_logprob=token_logprob,
+        nfe=nfe, exit_step=exit_step, h_ub=h_ub, phi=phi, stats=stats,
+    )
