@@ -116,6 +116,8 @@ class MDLMAdapter:
 
         Returns:
             [B, keep_last, V] float logits; column j predicts the token at canvas column L - keep_last + j.
+            The mask token's logit is -inf: it is never a prediction, and every consumer (sampler, phi,
+            log-prob estimators) must see the same distribution.
         """
         batch, length = input_ids.shape
         if not 0 < keep_last <= length - (1 if self.shift_logits else 0):
@@ -141,6 +143,8 @@ class MDLMAdapter:
         logits = logits[:, -need:]
         if self.shift_logits:
             logits = logits[:, :-1]
+        logits = logits.clone()
+        logits[..., self.mask_id] = float("-inf")
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
         self.forward_seconds += time.perf_counter() - start

@@ -98,3 +98,26 @@ def tiny_model(vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0
         eos_token_id=EOS, bos_token_id=BOS, final_logit_softcapping=None,
     )
     return Gemma3ForCausalLM(config).eval()
+
+
+DELIM = 7  # a fixed delimiter token between the oracle's reasoning slots and its answer slot
+
+
+def oracle_canvas(batch: int, n_reasoning: int, n_answer: int = 1, prompt_lens: list[int] | None = None, gold=None):
+    """A hand-built infill canvas: [pad][bos ...][R masks][DELIM][A masks]; slots = reasoning + answer columns."""
+    from rollout.template import Canvas
+
+    prompt_lens = prompt_lens or [1] * batch
+    P = max(prompt_lens)
+    gen = [MASK] * n_reasoning + [DELIM] + [MASK] * n_answer
+    ids = torch.full((batch, P + len(gen)), PAD, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, n in enumerate(prompt_lens):
+        ids[i, P - n : P] = BOS
+        am[i, P - n :] = 1
+    ids[:, P:] = torch.tensor(gen)
+    answer = slice(n_reasoning + 1, n_reasoning + 1 + n_answer)
+    gold_t = None if gold is None else torch.as_tensor(gold, dtype=torch.long).reshape(batch, n_answer)
+    return Canvas(ids, am, P, slice(0, n_reasoning), answer, gold_t, MASK), list(range(n_reasoning)) + list(
+        range(answer.start, answer.stop)
+    )
