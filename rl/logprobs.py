@@ -1,0 +1,127 @@
+"""Diffusion log-prob estimators for the RL loss.
+
+A masked diffusion model has no exact sequence likelihood; the RL ratio pi/pi_old needs a per-token surrogate.
+Every estimator returns [B, G] log-probs of the completion tokens (0 where `generated` is False) and is a
+deterministic function of (parameters, tokens, per-row seeds), so old, reference and current log-probs agree
+exactly on-policy (ratio 1).
+
+- `mean_field` (d1): every generated token masked at once, prompt tokens masked with probability
+  `prompt_mask_prob`; one forward.
+- `coupled`: a random mask over the generated tokens and its complement; each token is scored once, in the pass
+  where it is masked (the other pass conditions on it); two forwards.
+- `trajectory`: replays the sampler's own states. The row's decode steps are cut into S contiguous buckets; each
+  bucket's tokens are scored from the state at the bucket's first step. S >= the row's NFE reproduces the
+  sampler's own log-probs exactly.
+
+`logits_fn(input_ids, attention_mask, keep_last)` is `MDLMAdapter.logits` (mask logit -inf, shift handled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+ESTIMATORS = ("mean_field", "coupled", "trajectory")
+LogitsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def _row_bernoulli(seeds: torch.Tensor, shape: tuple[int, int], p: float, device) -> torch.Tensor:
+    """[B, N] Bernoulli(p) draws; row i depends only on seeds[i] (batch invariant)."""
+    out = torch.empty(shape, dtype=torch.float64)
+    for i, s in enumerate(seeds.tolist()):  # RNG only: one stream per row
+        out[i].uniform_(generator=torch.Generator().manual_seed(int(s)))
+    return (out < p).to(device)
+
+
+def _score(logits_fn: LogitsFn, input_ids, attention_mask, gen_len: int, targets, temperature: float):
+    """[B, G] log softmax(logits / T) of `targets` at every generation column."""
+    logits = logits_fn(input_ids, attention_mask, gen_len)  # [B, G, V]
+    logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # greedy rollouts: T=1 log-probs
+    return logp.gather(-1, targets[..., None]).squeeze(-1)
+
+
+def mean_field_logps(
+    logits_fn: LogitsFn,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gen_start: int,
+    generated: torch.Tensor,
+    seeds: torch.Tensor,
+    mask_id: int,
+    temperature: float = 1.0,
+    prompt_mask_prob: float = 0.15,
+) -> torch.Tensor:
+    """d1's one-step estimator. input_ids [B, L] final canvas, generated [B, G] -> [B, G]."""
+    gen_len = input_ids.shape[1] - gen_start
+    x = input_ids.clone()
+    x[:, gen_start:][generated] = mask_id
+    if prompt_mask_prob > 0:
+        hide = _row_bernoulli(seeds, (x.shape[0], gen_start), prompt_mask_prob, x.device)
+        hide &= attention_mask[:, :gen_start].bool()
+        x[:, :gen_start][hide] = mask_id
+    logp = _score(logits_fn, x, attention_mask, gen_len, input_ids[:, gen_start:], temperature)
+    return torch.where(generated, logp, torch.zeros_like(logp))
+
+
+def coupled_logps(
+    logits_fn: LogitsFn,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gen_start: int,
+    generated: torch.Tensor,
+    seeds: torch.Tensor,
+    mask_id: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Complementary-mask estimator: two forwards, every generated token scored exactly once. -> [B, G]."""
+    gen_len = input_ids.shape[1] - gen_start
+    first = _row_bernoulli(seeds, tuple(generated.shape), 0.5, generated.device) & generated
+    out = torch.zeros(generated.shape, dtype=torch.float32, device=generated.device)
+    targets = input_ids[:, gen_start:]
+    for hidden in (first, generated & ~first):
+        x = input_ids.clone()
+        x[:, gen_start:][hidden] = mask_id
+        logp = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)
+        out = torch.where(hidden, logp, out)
+    return out
+
+
+def trajectory_logps(
+    logits_fn: LogitsFn,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gen_start: int,
+    decode_step: torch.Tensor,
+    nfe: torch.Tensor,
+    mask_id: int,
+    buckets: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Replay of the sampler's states in `buckets` forwards.
+
+    Args:
+        input_ids: [B, L] final canvas (never-generated positions hold the mask id).
+        decode_step: [B, G] step each position was decoded at (-1: not decoded by the sampler).
+        nfe: [B] the row's number of steps.
+        buckets: S; bucket b of row i covers steps [floor(b n_i / S), floor((b+1) n_i / S)).
+    Returns:
+        [B, G] log-probs of decoded tokens (0 elsewhere).
+    """
+    if buckets < 1:
+        raise ValueError(f"trajectory buckets must be >= 1, got {buckets}.")
+    gen_len = input_ids.shape[1] - gen_start
+    targets = input_ids[:, gen_start:]
+    generated = decode_step >= 0
+    out = torch.zeros(generated.shape, dtype=torch.float32, device=generated.device)
+    n = nfe.to(decode_step.device)[:, None]  # [B, 1]
+    for b in range(buckets):
+        lo, hi = (b * n) // buckets, ((b + 1) * n) // buckets  # [B, 1] step range of this bucket
+        scored = generated & (decode_step >= lo) & (decode_step < hi)
+        if not scored.any():
+            continue
+        x = input_ids.clone()
+        x[:, gen_start:][generated & (decode_step >= lo)] = mask_id  # the state at the bucket's first step
+        logp = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)
+        out = torch.where(scored, logp, out)
+    return out
