@@ -3,7 +3,7 @@
 from rollout.adapter import MDLMAdapter
 from rollout.policies import POLICIES, PolicyConfig, TokenStats, token_stats
 from rollout.sampler import SampleOutput, SamplerConfig, sample
-from rollout.template import Canvas, TemplateConfig, build_canvas, decode_block, encode_block
+from rollout.template import Canvas, TemplateConfig, build_canvas, decode_block, encode_block, layout_canvas
 
 __all__ = [
     "POLICIES",
@@ -17,6 +17,7 @@ __all__ = [
     "build_canvas",
     "decode_block",
     "encode_block",
+    "layout_canvas",
     "sample",
     "token_stats",
 ]

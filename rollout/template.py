@@ -178,12 +178,28 @@ def build_canvas(
     """
     if len(prompts) == 0:
         raise ValueError("build_canvas got no prompts.")
-    if answers is not None and len(answers) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers.")
+    encoded = [encode_prompt(tokenizer, p, config) for p in prompts]
+    return layout_canvas(tokenizer, encoded, config, mask_id, answers, max_length, answer_overflow)
+
+
+def layout_canvas(
+    tokenizer,
+    encoded: list[list[int]],
+    config: TemplateConfig,
+    mask_id: int,
+    answers: list[str] | None = None,
+    max_length: int | None = None,
+    answer_overflow: str = "error",
+) -> Canvas:
+    """`build_canvas` for prompts that are already token ids (for example tokenized by a trainer)."""
+    if len(encoded) == 0:
+        raise ValueError("build_canvas got no prompts.")
+    if answers is not None and len(answers) != len(encoded):
+        raise ValueError(f"{len(encoded)} prompts but {len(answers)} answers.")
     if answers is not None and config.layout == "plain":
         raise ValueError("Gold answers need the 'infill' layout (the 'plain' layout has no answer block).")
     report = {"prompts_truncated": 0, "answers_truncated": 0}
-    encoded = [encode_prompt(tokenizer, p, config) for p in prompts]
+    encoded = [list(ids) for ids in encoded]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"Prompt {i} is empty after tokenization; every row needs at least one prompt token.")
