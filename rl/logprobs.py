@@ -1,7 +1,8 @@
 """Diffusion log-prob estimators for the RL loss.
 
 A masked diffusion model has no exact sequence likelihood; the RL ratio pi/pi_old needs a per-token surrogate.
-Every estimator returns [B, G] log-probs of the completion tokens (0 where `generated` is False) and is a
+Every estimator returns [B, G] log-probs of the completion tokens and [B, G] entropies of the distributions
+they were scored under (both 0 where `generated` is False), and is a
 deterministic function of (parameters, tokens, per-row seeds), so old, reference and current log-probs agree
 exactly on-policy (ratio 1).
 
@@ -35,10 +36,11 @@ def _row_bernoulli(seeds: torch.Tensor, shape: tuple[int, int], p: float, device
 
 
 def _score(logits_fn: LogitsFn, input_ids, attention_mask, gen_len: int, targets, temperature: float):
-    """[B, G] log softmax(logits / T) of `targets` at every generation column."""
+    """[B, G] log softmax(logits / T) of `targets` at every generation column, and [B, G] entropies."""
     logits = logits_fn(input_ids, attention_mask, gen_len)  # [B, G, V]
     logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # greedy rollouts: T=1 log-probs
-    return logp.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = torch.special.entr(logp.exp()).sum(-1)
+    return logp.gather(-1, targets[..., None]).squeeze(-1), entropy
 
 
 def mean_field_logps(
@@ -52,7 +54,7 @@ def mean_field_logps(
     temperature: float = 1.0,
     prompt_mask_prob: float = 0.15,
 ) -> torch.Tensor:
-    """d1's one-step estimator. input_ids [B, L] final canvas, generated [B, G] -> [B, G]."""
+    """d1's one-step estimator. input_ids [B, L] final canvas, generated [B, G] -> ([B, G], [B, G])."""
     gen_len = input_ids.shape[1] - gen_start
     x = input_ids.clone()
     x[:, gen_start:][generated] = mask_id
@@ -60,8 +62,9 @@ def mean_field_logps(
         hide = _row_bernoulli(seeds, (x.shape[0], gen_start), prompt_mask_prob, x.device)
         hide &= attention_mask[:, :gen_start].bool()
         x[:, :gen_start][hide] = mask_id
-    logp = _score(logits_fn, x, attention_mask, gen_len, input_ids[:, gen_start:], temperature)
-    return torch.where(generated, logp, torch.zeros_like(logp))
+    logp, ent = _score(logits_fn, x, attention_mask, gen_len, input_ids[:, gen_start:], temperature)
+    zero = torch.zeros_like(logp)
+    return torch.where(generated, logp, zero), torch.where(generated, ent, zero)
 
 
 def coupled_logps(
@@ -74,17 +77,17 @@ def coupled_logps(
     mask_id: int,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Complementary-mask estimator: two forwards, every generated token scored exactly once. -> [B, G]."""
+    """Complementary-mask estimator: two forwards, every generated token scored exactly once."""
     gen_len = input_ids.shape[1] - gen_start
     first = _row_bernoulli(seeds, tuple(generated.shape), 0.5, generated.device) & generated
-    out = torch.zeros(generated.shape, dtype=torch.float32, device=generated.device)
+    out = ent_out = torch.zeros(generated.shape, dtype=torch.float32, device=generated.device)
     targets = input_ids[:, gen_start:]
     for hidden in (first, generated & ~first):
         x = input_ids.clone()
         x[:, gen_start:][hidden] = mask_id
-        logp = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)
-        out = torch.where(hidden, logp, out)
-    return out
+        logp, ent = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)
+        out, ent_out = torch.where(hidden, logp, out), torch.where(hidden, ent, ent_out)
+    return out, ent_out
 
 
 def trajectory_logps(
@@ -106,14 +109,14 @@ def trajectory_logps(
         nfe: [B] the row's number of steps.
         buckets: S; bucket b of row i covers steps [floor(b n_i / S), floor((b+1) n_i / S)).
     Returns:
-        [B, G] log-probs of decoded tokens (0 elsewhere).
+        [B, G] log-probs of decoded tokens and [B, G] entropies (0 elsewhere).
     """
     if buckets < 1:
         raise ValueError(f"trajectory buckets must be >= 1, got {buckets}.")
     gen_len = input_ids.shape[1] - gen_start
     targets = input_ids[:, gen_start:]
     generated = decode_step >= 0
-    out = torch.zeros(generated.shape, dtype=torch.float32, device=generated.device)
+    out = ent_out = torch.zeros(generated.shape, dtype=torch.float32, device=generated.device)
     n = nfe.to(decode_step.device)[:, None]  # [B, 1]
     for b in range(buckets):
         lo, hi = (b * n) // buckets, ((b + 1) * n) // buckets  # [B, 1] step range of this bucket
@@ -122,6 +125,6 @@ def trajectory_logps(
             continue
         x = input_ids.clone()
         x[:, gen_start:][generated & (decode_step >= lo)] = mask_id  # the state at the bucket's first step
-        logp = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)
-        out = torch.where(scored, logp, out)
-    return out
+        logp, ent = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)
+        out, ent_out = torch.where(scored, logp, out), torch.where(scored, ent, ent_out)
+    return out, ent_out

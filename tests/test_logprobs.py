@@ -23,7 +23,7 @@ def test_trajectory_with_one_bucket_per_step_equals_the_samplers_logprobs():
     assert out.exited.any() and (out.nfe > 1).any()
     S = int(out.nfe.max())
     with torch.no_grad():
-        lp = trajectory_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.decode_step,
+        lp, _ = trajectory_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.decode_step,
                               out.nfe, MASK, buckets=S, temperature=0.7)
     gen = out.generated
     assert torch.allclose(lp[gen], out.token_logprob[gen], atol=1e-5)
@@ -33,9 +33,9 @@ def test_trajectory_with_one_bucket_per_step_equals_the_samplers_logprobs():
 def test_trajectory_with_fewer_buckets_uses_the_bucket_start_state():
     adapter, out = rollout()
     with torch.no_grad():
-        one = trajectory_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.decode_step,
+        one, _ = trajectory_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.decode_step,
                                out.nfe, MASK, buckets=1, temperature=0.7)
-        mf = mean_field_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.generated,
+        mf, _ = mean_field_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.generated,
                               torch.arange(6), MASK, temperature=0.7, prompt_mask_prob=0.0)
     # One bucket = the state at step 0 = every generated token masked = mean field without prompt masking.
     assert torch.allclose(one, mf, atol=1e-6)
@@ -47,20 +47,21 @@ def test_estimators_are_deterministic_and_batch_invariant():
     args = (adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.generated, seeds, MASK, 0.7)
     with torch.no_grad():
         for fn in (mean_field_logps, coupled_logps):
-            a, b = fn(*args), fn(*args)
+            (a, ea), (b, _) = fn(*args), fn(*args)
             assert torch.equal(a, b)  # old == current before an update: ratio exactly 1
             rows = [1, 4]
-            sub = fn(adapter.logits, out.sequences[rows], out.attention_mask[rows], out.gen_start,
+            sub, _ = fn(adapter.logits, out.sequences[rows], out.attention_mask[rows], out.gen_start,
                      out.generated[rows], seeds[rows], MASK, 0.7)
             assert torch.allclose(sub, a[rows], atol=1e-5)
             assert (a[out.generated] < 0).all() and (a[~out.generated] == 0).all()
+            assert (ea[out.generated] > 0).all() and (ea[~out.generated] == 0).all()
 
 
 def test_coupled_scores_each_token_once_in_the_pass_where_it_is_masked():
     adapter, out = rollout()
     seeds = torch.arange(6)
     with torch.no_grad():
-        lp = coupled_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.generated, seeds,
+        lp, _ = coupled_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.generated, seeds,
                            MASK, 1.0)
         g = torch.Generator().manual_seed(0)
         first = (torch.rand(out.generated.shape[1], generator=g, dtype=torch.float64) < 0.5) & out.generated[0]
