@@ -1,0 +1,89 @@
+"""Trainer configs: TRL's GRPO/RLOO configs plus the diffusion fields, nothing else.
+
+Sampler and canvas settings are flat fields with the same names as `rollout.SamplerConfig` and
+`rollout.TemplateConfig` (so a recipe is one flat YAML), except `temperature` and `seed`, which are TRL's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig, RLOOConfig
+
+from rl.logprobs import ESTIMATORS
+from rollout import SamplerConfig, TemplateConfig
+
+
+@dataclass
+class DiffusionArgs:
+    """Diffusion-specific training fields shared by the GRPO and RLOO configs."""
+
+    # Unmasking policy and sampler (see rollout.SamplerConfig).
+    policy: str = field(default="med", metadata={"help": "Unmasking policy: left_to_right, entropy, confidence, "
+                                                         "margin, med, eb, threshold."})
+    k: int = field(default=1, metadata={"help": "Tokens per step for left_to_right and fixed-k policies."})
+    med_lambda: float = field(default=0.2, metadata={"help": "MED entropy threshold (nats)."})
+    med_k_max: int = field(default=8, metadata={"help": "MED: most tokens per step."})
+    eb_gamma: float = field(default=0.1, metadata={"help": "EB-Sampler error budget (nats)."})
+    eb_proxy: str = field(default="entropy", metadata={"help": "EB ordering proxy: entropy or confidence."})
+    tau: float = field(default=0.9, metadata={"help": "Confidence threshold policy: decode every p >= tau."})
+    block_length: int | None = field(default=None, metadata={"help": "Semi-AR block length over the reasoning "
+                                                                     "block (must divide reasoning_length)."})
+    exit_gamma: float | None = field(default=None, metadata={"help": "Early exit when H_UB < exit_gamma (nats)."})
+    # Canvas (see rollout.TemplateConfig).
+    layout: str = field(default="infill", metadata={"help": "infill (reasoning + answer blocks) or plain."})
+    reasoning_length: int = field(default=128, metadata={"help": "R: masked reasoning positions."})
+    answer_length: int = field(default=16, metadata={"help": "A: masked answer positions."})
+    delimiter: str = field(default="\nThe answer is ", metadata={"help": "Text between reasoning and answer."})
+    suffix: str = field(default="", metadata={"help": "Text after the answer block."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system turn (chat prompts)."})
+    pad_with: str = field(default="eos", metadata={"help": "Token padding gold answers: eos or pad."})
+    # Likelihood and advantages.
+    logprob_estimator: str = field(default="trajectory", metadata={"help": "mean_field, coupled or trajectory."})
+    trajectory_buckets: int = field(default=8, metadata={"help": "S: forwards of the trajectory estimator."})
+    prompt_mask_prob: float = field(default=0.15, metadata={"help": "mean_field: prompt masking probability."})
+    dense_coef: float = field(default=0.0, metadata={"help": "Weight of the per-token phi shaping term in the "
+                                                             "advantage; 0 is outcome-only."})
+    dense_credit: str = field(default="return_to_go", metadata={"help": "phi credit: return_to_go or immediate."})
+    rollout_log_dir: str | None = field(
+        None, metadata={"help": "Per-step JSONL of completions + traces (default output_dir/rollouts, '' = off)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sampler_config()  # validates the policy fields with their own messages
+        self.template_config()
+        if self.logprob_estimator not in ESTIMATORS:
+            raise ValueError(f"logprob_estimator={self.logprob_estimator!r}; choose one of {', '.join(ESTIMATORS)}.")
+        if self.trajectory_buckets < 1:
+            raise ValueError(f"trajectory_buckets must be >= 1, got {self.trajectory_buckets}.")
+        if not 0 <= self.prompt_mask_prob < 1:
+            raise ValueError(f"prompt_mask_prob must be in [0, 1), got {self.prompt_mask_prob}.")
+        if self.dense_credit not in ("return_to_go", "immediate"):
+            raise ValueError(f"dense_credit={self.dense_credit!r}; use 'return_to_go' or 'immediate'.")
+        if self.dense_coef < 0:
+            raise ValueError(f"dense_coef must be >= 0, got {self.dense_coef}.")
+        if self.dense_coef > 0 and self.layout != "infill":
+            raise ValueError("dense_coef > 0 needs layout='infill': phi is read from the answer block.")
+        if self.block_length is not None and self.reasoning_length % self.block_length:
+            raise ValueError(f"block_length={self.block_length} must divide reasoning_length={self.reasoning_length}.")
+
+    def sampler_config(self) -> SamplerConfig:
+        names = {f.name for f in dataclasses.fields(SamplerConfig)} - {"temperature", "seed"}
+        return SamplerConfig(**{n: getattr(self, n) for n in names}, temperature=self.temperature, seed=self.seed)
+
+    def template_config(self) -> TemplateConfig:
+        names = {f.name for f in dataclasses.fields(TemplateConfig)} - {"chat_template", "max_prompt_length"}
+        return TemplateConfig(**{n: getattr(self, n) for n in names}, chat_template=False,
+                              max_prompt_length=getattr(self, "max_prompt_length", None))
+
+
+@dataclass
+class DiffusionGRPOConfig(DiffusionArgs, GRPOConfig):
+    """`trl.GRPOConfig` plus the diffusion fields of `DiffusionArgs`."""
+
+
+@dataclass
+class DiffusionRLOOConfig(DiffusionArgs, RLOOConfig):
+    """`trl.RLOOConfig` plus the diffusion fields of `DiffusionArgs`."""

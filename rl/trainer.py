@@ -1,0 +1,176 @@
+"""Diffusion GRPO/RLOO: thin subclasses of TRL's trainers sharing one mixin.
+
+What changes against TRL (everything else - batching, buffering, clipping, KL to the adapter-disabled
+reference, logging, checkpoints - is TRL's own):
+
+- Generation (`_generate_single_turn`) runs the project's batched sampler on the reasoning-as-infilling canvas.
+  The completion is the whole generation region; positions the sampler did not decode (template tokens,
+  reasoning skipped by an early exit) are excluded from the loss through TRL's `tool_mask`.
+- Likelihoods (`_get_per_token_logps_and_entropies`) come from a diffusion estimator (`rl.logprobs`) that reads
+  the rollout trace travelling with the batch (decode steps, NFE, per-row mask seeds).
+- Advantages: TRL's outcome advantage plus `dense_coef` x the per-token phi shaping credit, a [B, G] tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import torch
+from trl import GRPOTrainer, RLOOTrainer
+
+from rl.logprobs import coupled_logps, mean_field_logps, trajectory_logps
+from rollout import MDLMAdapter, decode_block, layout_canvas, sample
+
+logger = logging.getLogger(__name__)
+TRACE_KEYS = ("decode_step", "nfe", "mask_seed")
+
+
+class DiffusionMixin:
+    """Shared diffusion behaviour; mixed in before the TRL trainer class."""
+
+    def _init_diffusion(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        self._adapter = MDLMAdapter.from_pretrained(model, self.processing_class)
+        self._sampler = self.args.sampler_config()
+        self._template = self.args.template_config()
+        self._round = 0
+        self._trace: dict | None = None
+        self._answers: list[str] | None = None
+
+    def _adapter_for(self, model) -> MDLMAdapter:
+        return dataclasses.replace(self._adapter, model=model)
+
+    # Generation ---------------------------------------------------------------------------------------------
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+        from trl.models import unwrap_model_for_generation
+
+        self._round += 1
+        rank = self.accelerator.process_index
+        base = (self.args.seed * 1_000_003 + self._round * 10_007 + rank * 1_009) % (2**62)
+        seeds = torch.arange(len(prompt_ids)) + base  # one random stream per row, distinct across ranks/rounds
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
+            adapter = self._adapter_for(model)
+            answers = self._answers if self._template.layout == "infill" else None
+            canvas = layout_canvas(self.processing_class, prompt_ids, self._template, adapter.mask_id,
+                                   answers=answers, max_length=adapter.max_length, answer_overflow="truncate")
+            was_training = model.training
+            model.eval()
+            out = sample(adapter, canvas, self._sampler, seeds=seeds)
+            model.train(was_training)
+        self._rollout, self._canvas_report = out, canvas.report
+        self._trace = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": seeds.to(out.nfe.device)}
+        return out.generation.tolist(), out.token_logprob.tolist()
+
+    def _answer_texts(self) -> list[str]:
+        out = self._rollout
+        if out.answer is None:
+            return [""] * len(out.nfe)
+        stops = self._adapter.eos_ids
+        return [decode_block(self.processing_class, row, stops, out.mask_id) for row in out.generation[:, out.answer]]
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        for x, text in zip(inputs, self._answer_texts(), strict=True):
+            x["answer_texts"] = text  # rewards read the answer block, not the free text
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards = rewards
+        return rewards
+
+    def _generate_and_score_completions(self, inputs):
+        self._answers = [str(x["answer"]) for x in inputs] if "answer" in inputs[0] else None
+        output = super()._generate_and_score_completions(inputs)
+        out, mode = self._rollout, "train" if self.model.training else "eval"
+        device = output["completion_ids"].device
+        output["tool_mask"] = out.generated.long().to(device)  # loss only on tokens the sampler decoded
+        for key, value in self._trace.items():
+            output[key] = value.to(device)
+        if self.args.dense_coef > 0 and out.phi is not None:
+            from rewards.intrinsic import phi_shaping
+
+            credit = phi_shaping(out.decode_step, out.phi, credit=self.args.dense_credit).to(device)  # [B, G]
+            outcome = output["advantages"].reshape(-1, 1)
+            dense = self.args.dense_coef * credit.float()
+            output["advantages"] = outcome + dense  # [B, G]
+            share = dense.abs().sum() / (dense.abs().sum() + (outcome.abs() * out.generated.to(device)).sum())
+            self._metrics[mode]["advantage/dense_share"].append(self._gather_mean(share))
+        self._log_rollout(out, mode)
+        return output
+
+    def _gather_mean(self, x: torch.Tensor) -> float:
+        x = torch.as_tensor(x, dtype=torch.float32, device=self.accelerator.device).reshape(-1)
+        x = self.accelerator.gather(x)
+        x = x[~torch.isnan(x)]
+        return float(x.mean()) if x.numel() else float("nan")
+
+    def _log_rollout(self, out, mode: str) -> None:
+        m = self._metrics[mode]
+        m["rollout/nfe"].append(self._gather_mean(out.nfe.float()))
+        m["rollout/exit_rate"].append(self._gather_mean(out.exited.float()))
+        m["rollout/tokens_per_nfe"].append(self._gather_mean(out.generated.sum(-1).float() / out.nfe.clamp(min=1)))
+        if out.phi is not None:
+            m["reward/phi_T"].append(self._gather_mean(out.phi_final))
+        truncated = float(self._canvas_report.get("answers_truncated", 0))
+        m["data/answers_truncated"].append(self._gather_mean(torch.tensor([truncated])))
+        if self.args.rollout_log_dir == "" or mode != "train":
+            return
+        folder = self.args.rollout_log_dir or os.path.join(self.args.output_dir, "rollouts")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step{self.state.global_step:06d}_rank{self.accelerator.process_index}.jsonl")
+        rewards = getattr(self, "_last_rewards", None)
+        B, rank = len(out.nfe), self.accelerator.process_index
+        local = rewards[rank * B : (rank + 1) * B].tolist() if rewards is not None else [None] * B
+        texts = self._answer_texts()
+        with open(path, "w") as f:
+            for i in range(B):
+                row = out.row(i)
+                row.update(answer_text=texts[i], rewards=local[i], gold=self._answers[i] if self._answers else None)
+                f.write(json.dumps(row) + "\n")
+
+    # Likelihood ---------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        self._trace = {k: inputs[k] for k in TRACE_KEYS}
+        return super()._compute_loss(model, inputs)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **unused):
+        adapter = self._adapter_for(model)
+        gen_start = input_ids.shape[1] - logits_to_keep
+        batch_size = batch_size or input_ids.shape[0]
+        temperature = self.args.temperature
+        logps, ents = [], []
+        for s in range(0, input_ids.shape[0], batch_size):
+            rows = slice(s, s + batch_size)
+            trace = {k: v[rows] for k, v in self._trace.items()}
+            ids, am = input_ids[rows], attention_mask[rows]
+            generated = trace["decode_step"] >= 0
+            with self.accelerator.autocast():
+                if self.args.logprob_estimator == "trajectory":
+                    lp, ent = trajectory_logps(adapter.logits, ids, am, gen_start, trace["decode_step"], trace["nfe"],
+                                               adapter.mask_id, self.args.trajectory_buckets, temperature)
+                elif self.args.logprob_estimator == "coupled":
+                    lp, ent = coupled_logps(adapter.logits, ids, am, gen_start, generated, trace["mask_seed"],
+                                            adapter.mask_id, temperature)
+                else:
+                    lp, ent = mean_field_logps(adapter.logits, ids, am, gen_start, generated, trace["mask_seed"],
+                                               adapter.mask_id, temperature, self.args.prompt_mask_prob)
+            logps.append(lp)
+            ents.append(ent)
+        return torch.cat(logps), torch.cat(ents) if compute_entropy else None, None
+
+
+class DiffusionGRPOTrainer(DiffusionMixin, GRPOTrainer):
+    """`trl.GRPOTrainer` generating with the diffusion sampler; config: `rl.config.DiffusionGRPOConfig`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_diffusion()
+
+
+class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
+    """`trl.RLOOTrainer` generating with the diffusion sampler; config: `rl.config.DiffusionRLOOConfig`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_diffusion()
