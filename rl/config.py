@@ -47,7 +47,7 @@ class DiffusionArgs:
                                                              "advantage; 0 is outcome-only."})
     dense_credit: str = field(default="return_to_go", metadata={"help": "phi credit: return_to_go or immediate."})
     rollout_log_dir: str | None = field(
-        None, metadata={"help": "Per-step JSONL of completions + traces (default output_dir/rollouts, '' = off)."}
+        default=None, metadata={"help": "Per-step rollout JSONL folder (default output_dir/rollouts; empty = off)."}
     )
 
     def __post_init__(self) -> None:

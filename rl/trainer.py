@@ -31,6 +31,8 @@ TRACE_KEYS = ("decode_step", "nfe", "mask_seed")
 class DiffusionMixin:
     """Shared diffusion behaviour; mixed in before the TRL trainer class."""
 
+    _turn_returns_logprobs = True  # TRL's GRPO `_generate_single_turn` returns (ids, logprobs), RLOO's only ids
+
     def _init_diffusion(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
         self._adapter = MDLMAdapter.from_pretrained(model, self.processing_class)
@@ -62,7 +64,8 @@ class DiffusionMixin:
             model.train(was_training)
         self._rollout, self._canvas_report = out, canvas.report
         self._trace = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": seeds.to(out.nfe.device)}
-        return out.generation.tolist(), out.token_logprob.tolist()
+        completion_ids = out.generation.tolist()
+        return (completion_ids, out.token_logprob.tolist()) if self._turn_returns_logprobs else completion_ids
 
     def _answer_texts(self) -> list[str]:
         out = self._rollout
@@ -169,8 +172,52 @@ class DiffusionGRPOTrainer(DiffusionMixin, GRPOTrainer):
 
 
 class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
-    """`trl.RLOOTrainer` generating with the diffusion sampler; config: `rl.config.DiffusionRLOOConfig`."""
+    """`trl.RLOOTrainer` generating with the diffusion sampler; config: `rl.config.DiffusionRLOOConfig`.
+
+    TRL's RLOO loss is per sequence. With dense advantages ([B, G]) this trainer uses a per-token clipped
+    loss instead (token ratio against the rollout's per-token log-probs, averaged per sequence, then over the
+    batch); with `dense_coef: 0` the loss is TRL's own, unchanged.
+    """
+
+    _turn_returns_logprobs = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_diffusion()
+
+    def _generate_and_score_completions(self, inputs):
+        self._old_per_token = None
+        self._capture_old = True  # RLOO computes the policy's old log-probs first: keep them per token
+        output = super()._generate_and_score_completions(inputs)
+        self._capture_old = False
+        if output["advantages"].dim() == 2:
+            output["old_per_token_logps"] = self._old_per_token
+        return output
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if getattr(self, "_capture_old", False):
+            self._old_per_token, self._capture_old = result[0].detach(), False
+        return result
+
+    def _compute_loss(self, model, inputs):
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            return super()._compute_loss(model, inputs)
+        self._trace = {k: inputs[k] for k in TRACE_KEYS}
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].shape[1], compute_entropy=True
+        )
+        mask = inputs["tool_mask"].float()  # [B, G] tokens the sampler decoded
+        ratio = torch.exp(logps - inputs["old_per_token_logps"])
+        clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_token = -torch.min(ratio * advantages, clipped * advantages)  # [B, G]
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        mode = "train" if self.model.training else "eval"
+        ent = self.accelerator.reduce(torch.stack([(entropies * mask).sum(), mask.sum()]), reduction="sum")
+        self._metrics[mode]["entropy"].append((ent[0] / ent[1].clamp(min=1.0)).item())
+        clip = ((ratio != clipped).float() * mask).sum() / mask.sum().clamp(min=1.0)
+        self._metrics[mode]["clip_ratio/region_mean"].append(self._gather_mean(clip))
+        return loss
