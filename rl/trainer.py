@@ -90,9 +90,9 @@ class DiffusionMixin:
         for key, value in self._trace.items():
             output[key] = value.to(device)
         if self.args.dense_coef > 0 and out.phi is not None:
-            from rewards.intrinsic import phi_shaping
+            from rewards.intrinsic import phi_token_credit
 
-            credit = phi_shaping(out.decode_step, out.phi, credit=self.args.dense_credit).to(device)  # [B, G]
+            credit = phi_token_credit(out.decode_step, out.phi, mode=self.args.dense_credit).to(device)  # [B, G]
             outcome = output["advantages"].reshape(-1, 1)
             dense = self.args.dense_coef * credit.float()
             output["advantages"] = outcome + dense  # [B, G]
