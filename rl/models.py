@@ -1,0 +1,139 @@
+"""Loading models and tokenizers (hub id, local dir, LoRA adapter dir) and building the tiny default from scratch.
+
+Every model goes through the same transformers `from_pretrained` path: LLaDA / Dream with `trust_remote_code`
+(only when the recipe opts in), native bidirectional models (the tiny Gemma3) without. A directory holding a
+PEFT adapter (`adapter_config.json`) loads its base model and applies the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which model and tokenizer. Field names are recipe keys."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local model dir; a dir with adapter_config.json is a LoRA adapter on its base."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to load (None: the model's; with from_scratch: built from the task)."}
+    )
+    adapter_path: str | None = field(default=None, metadata={"help": "LoRA adapter dir applied on top of the model."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the model repo's own code (needed by LLaDA and Dream). Opt-in only."}
+    )
+    dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; use one of {', '.join(DTYPES)}.")
+
+
+@dataclass
+class ScratchModelConfig:
+    """The tiny default: a bidirectional Gemma3 built from scratch. Field names are recipe keys."""
+
+    from_scratch: bool = field(
+        default=False, metadata={"help": "Build a tiny bidirectional Gemma3 and a word-level tokenizer from the task."}
+    )
+    scratch_layers: int = field(default=4, metadata={"help": "from_scratch: transformer layers."})
+    scratch_hidden: int = field(default=128, metadata={"help": "from_scratch: hidden size."})
+    scratch_heads: int = field(default=4, metadata={"help": "from_scratch: attention heads (must divide scratch_hidden)."})
+    scratch_kv_heads: int = field(default=2, metadata={"help": "from_scratch: key/value heads (divides heads)."})
+    scratch_max_length: int = field(default=512, metadata={"help": "from_scratch: context length."})
+
+    def __post_init__(self) -> None:
+        if self.scratch_hidden % self.scratch_heads or self.scratch_heads % self.scratch_kv_heads:
+            raise ValueError(
+                f"scratch_hidden ({self.scratch_hidden}) must be divisible by scratch_heads ({self.scratch_heads}), "
+                f"and scratch_heads by scratch_kv_heads ({self.scratch_kv_heads})."
+            )
+
+
+def build_scratch_model(config: ScratchModelConfig, tokenizer, seed: int = 0):
+    """A randomly initialised bidirectional Gemma3 text model sized by the `scratch_*` fields.
+
+    Initialisation draws from a forked RNG seeded with `seed`, so the global torch RNG is left alone.
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    head_dim = config.scratch_hidden // config.scratch_heads
+    model_config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=config.scratch_hidden, intermediate_size=4 * config.scratch_hidden,
+        num_hidden_layers=config.scratch_layers, num_attention_heads=config.scratch_heads,
+        num_key_value_heads=config.scratch_kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        max_position_embeddings=config.scratch_max_length, use_bidirectional_attention=True,
+        layer_types=["full_attention"] * config.scratch_layers, final_logit_softcapping=None,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(model_config)
+    logger.info("Built a bidirectional Gemma3 from scratch: %.2fM parameters.",
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def adapter_base(path: str) -> str | None:
+    """Base model of a PEFT adapter dir, or None if `path` is not one."""
+    cfg = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg):
+        return None
+    with open(cfg) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, dtype: str = "auto"):
+    """AutoModelForCausalLM, falling back to AutoModel (Dream's remote code registers only that)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+
+def load_for_inference(config: ModelConfig, device: str | torch.device):
+    """(model, tokenizer) ready for sampling: adapters merged into the base, eval mode, on `device`."""
+    if not config.model_name_or_path:
+        raise ValueError("Set model_name_or_path to the model directory (or hub id) to evaluate.")
+    path, adapter = config.model_name_or_path, config.adapter_path
+    base = adapter_base(path)
+    if base is not None:
+        if adapter is not None:
+            raise ValueError(f"{path} is itself a LoRA adapter; do not also pass adapter_path.")
+        path, adapter = base, path
+    tok_source = config.tokenizer_name_or_path
+    if tok_source is None:
+        has_tokenizer = adapter is not None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
+        tok_source = adapter if has_tokenizer else path
+    tokenizer = load_tokenizer(tok_source, config.trust_remote_code)
+    model = load_pretrained(path, config.trust_remote_code, config.dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        # Merged, the network is a plain module again: one forward signature for the sampler, no adapter overhead.
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        logger.info("Merged LoRA adapter %s into %s.", adapter, path)
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,63 @@
+"""SFT configuration: `TrainingArguments` plus the diffusion fields, and LoRA arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class DiffusionSFTConfig(TrainingArguments):
+    """`TrainingArguments` plus the diffusion SFT fields. Field names are recipe keys."""
+
+    mask_eps: float = field(default=1e-3, metadata={"help": "Smallest noise level: t ~ U(mask_eps, 1) per sequence."})
+    overflow: str = field(
+        default="skip",
+        metadata={"help": "Gold reasoning/answer longer than its block: 'skip' (count, report, drop) or 'error'."},
+    )
+    final_model_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the trained model goes, written atomically (None: <output_dir>/final)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator reads the prompt/answer/reasoning columns."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.mask_eps < 1:
+            raise ValueError(f"mask_eps must be in (0, 1), got {self.mask_eps}.")
+        if self.overflow not in ("skip", "error"):
+            raise ValueError(f"overflow={self.overflow!r}; use 'skip' or 'error'.")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must be False: the SFT collator needs the raw text columns.")
+        if self.final_model_dir is None:
+            self.final_model_dir = f"{self.output_dir.rstrip('/')}/final"
+
+
+@dataclass
+class LoraArguments:
+    """LoRA through PEFT. Field names are recipe keys."""
+
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt, or 'all-linear' (every linear layer except the LM head)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}.")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        targets = self.lora_target_modules
+        return LoraConfig(
+            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, task_type="CAUSAL_LM",
+            target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        )

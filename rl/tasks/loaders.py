@@ -1,0 +1,97 @@
+"""Loaders for real math datasets (GSM8K, MATH-500) from a hub name or a local jsonl, into the task columns.
+
+Every loader returns rows {prompt, answer, reasoning}: `answer` is the final answer as a string, `reasoning` the
+gold solution text without the final answer line. Rows that cannot be used (missing question, missing or
+non-numeric answer) are counted by reason, logged with an example, and left out; the counts travel in `BadRows`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)$")
+
+
+@dataclass
+class BadRows:
+    """Rows left out while loading, counted by reason, with the first example of each reason."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, index: int, row: dict) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, f"row {index}: {str(row)[:160]}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def log(self, source: str, n_read: int) -> None:
+        for reason, n in self.counts.items():
+            logger.warning("%s: left out %d of %d rows (%s); first: %s", source, n, n_read, reason,
+                           self.examples[reason])
+
+
+def normalize_number(text: str) -> str | None:
+    """'1,234' -> '1234', '$18.00' -> '18', ' 7. ' -> '7'; None if `text` is not a plain number."""
+    s = text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
+    if not _NUMBER.match(s):
+        return None
+    if "." in s:
+        s = s.rstrip("0").rstrip(".") or "0"
+    return s.lstrip("+")
+
+
+def read_rows(path: str, hub_config: str | None, split: str) -> Iterable[dict]:
+    """Rows of a local .jsonl/.json file (the whole file is the split) or of a hub dataset's `split`."""
+    import datasets
+
+    if path.endswith((".jsonl", ".json")):
+        return datasets.load_dataset("json", data_files=path, split="train")
+    return datasets.load_dataset(path, hub_config, split=split)
+
+
+def gsm8k_rows(rows: Iterable[dict], bad: BadRows) -> list[dict[str, str]]:
+    """GSM8K: the answer is the number after '####'; the reasoning is the text before it, calculator
+    annotations (`<<48/2=24>>`) removed."""
+    out = []
+    for i, row in enumerate(rows):
+        question, solution = row.get("question"), row.get("answer")
+        if not question:
+            bad.add("missing question", i, row)
+            continue
+        if not solution or "####" not in solution:
+            bad.add("missing '####' answer line", i, row)
+            continue
+        reasoning, _, final = solution.rpartition("####")
+        answer = normalize_number(final)
+        if answer is None:
+            bad.add("non-numeric answer", i, row)
+            continue
+        out.append({"prompt": question.strip(), "answer": answer,
+                    "reasoning": _CALCULATOR.sub("", reasoning).strip()})
+    return out
+
+
+def math500_rows(rows: Iterable[dict], bad: BadRows) -> list[dict[str, str]]:
+    """MATH-500: `answer` is the reference answer (LaTeX allowed); the reasoning is the full solution."""
+    out = []
+    for i, row in enumerate(rows):
+        problem, answer = row.get("problem"), row.get("answer")
+        if not problem:
+            bad.add("missing problem", i, row)
+            continue
+        if answer is None or not str(answer).strip():
+            bad.add("missing answer", i, row)
+            continue
+        out.append({"prompt": problem.strip(), "answer": str(answer).strip(),
+                    "reasoning": (row.get("solution") or "").strip()})
+    return out

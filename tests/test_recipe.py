@@ -1,0 +1,103 @@
+"""Recipes: flat YAML = dataclass fields, CLI overrides, unknown keys rejected, every shipped recipe parses."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rl.recipe import load_recipe, parse, recipe_yaml
+from rl.tasks import TaskConfig
+from rollout import SamplerConfig, TemplateConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_recipe_values_then_flags(tmp_path):
+    path = _write(tmp_path, "task: arithmetic\nmax_ops: 4\nreasoning_length: 32\nmed_lambda: 0.5\nexit_gamma: 1e-1\n")
+    task, template, sampler = parse([TaskConfig, TemplateConfig, SamplerConfig], [path, "--max_ops", "5"])
+    assert task.max_ops == 5 and template.reasoning_length == 32
+    assert sampler.med_lambda == 0.5 and sampler.exit_gamma == 0.1  # YAML 1.1 reads 1e-1 as a string
+    task, template, sampler = parse([TaskConfig, TemplateConfig, SamplerConfig], ["--block_length", "8"])
+    assert task.max_ops == 3 and sampler.block_length == 8
+
+
+def test_null_sets_optional_fields_to_none(tmp_path):
+    path = _write(tmp_path, "block_length: 8\nexit_gamma: 0.1\nsystem_prompt: hi\n")
+    template, sampler = parse([TemplateConfig, SamplerConfig],
+                              [path, "--block_length", "none", "--exit_gamma", "null", "--system_prompt", "null"])
+    assert sampler.block_length is None and sampler.exit_gamma is None and template.system_prompt is None
+
+
+def test_unknown_recipe_key_is_an_error_with_a_suggestion(tmp_path):
+    path = _write(tmp_path, "task: arithmetic\nmax_op: 4\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\): 'max_op' \(did you mean max_ops"):
+        parse([TaskConfig, TemplateConfig], [path])
+    assert parse([TaskConfig], [path], allow_unknown=True)[0].max_ops == 3
+    with pytest.raises(ValueError, match="not used"):
+        parse([TaskConfig], ["--max_opz", "4"])
+
+
+def test_nested_recipe_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="flat"):
+        load_recipe(_write(tmp_path, "task:\n  name: arithmetic\n"))
+
+
+def test_bad_values_fail_in_post_init(tmp_path):
+    with pytest.raises(ValueError, match="Unknown task 'gsm'"):
+        parse([TaskConfig], [_write(tmp_path, "task: gsm\n")])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True)))
+def test_every_shipped_recipe_parses(path):
+    script = _script("evaluate" if os.path.basename(path).startswith("eval") else "sft")
+    configs = parse(script.configs(), [path, "--use_cpu", "true"] if "sft" in path else [path])
+    assert len(configs) == len(script.configs())
+
+
+def test_tiny_eval_recipes_match_their_sft_recipes():
+    for sft, ev in [("sft.yaml", "eval.yaml"), ("sft_ci.yaml", "eval_ci.yaml")]:
+        a = load_recipe(os.path.join(ROOT, "recipes", "tiny", sft))
+        b = load_recipe(os.path.join(ROOT, "recipes", "tiny", ev))
+        shared = (set(a) & set(b)) - {"split", "seed"}
+        assert shared >= {"task", "max_ops", "reasoning_length", "answer_length", "delimiter"}
+        assert {k: a[k] for k in shared} == {k: b[k] for k in shared}
+        assert b["model_name_or_path"] == a["output_dir"] + "/final"
+
+
+def test_recipe_yaml_keeps_changed_values():
+    text = recipe_yaml(TaskConfig(max_ops=5), SamplerConfig(policy="left_to_right"))
+    assert load_recipe_text(text) == {"max_ops": 5, "policy": "left_to_right"}
+
+
+def load_recipe_text(text):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("name", ["sft", "evaluate"])
+def test_help_is_fast_and_lists_the_keys(name):
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", f"{name}.py"), "--help"],
+                         capture_output=True, text=True, check=True)
+    assert time.perf_counter() - start < 30
+    assert "--reasoning_length" in out.stdout and "--task" in out.stdout
+    assert ("--learning_rate" in out.stdout) == (name == "sft")
+    assert ("--med_lambda" in out.stdout) == (name == "evaluate")

@@ -1,0 +1,110 @@
+"""Math and format rewards: extraction rules, every GSM8K / MATH-500 gold answer, perturbations, call conventions."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rewards.format_reward import FormatReward, answer_format
+from rewards.math_answer import after_delimiter, candidate, gold_answer, last_boxed, last_number
+from rewards.math_reward import math_accuracy
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# MATH-500 neighbours whose answers differ as strings but are equal as mathematics (math-verify is right).
+EQUIVALENT_NEIGHBOURS = {("5", "x=5")}
+
+
+def load(name: str) -> list[dict]:
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"reference data {path} is absent (it lives outside the repository, in ../shared/data)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_last_boxed():
+    assert last_boxed(r"a \boxed{1} b \boxed{\frac{1}{2}} c") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{3} then \boxed{4") == "3"  # the last one is unclosed: the last complete one
+    assert last_boxed(r"\boxed {x^{2}}") == "x^{2}"
+    assert last_boxed(r"\fbox{7}") == "7"
+    assert last_boxed("no box") is None
+
+
+def test_last_number():
+    assert last_number("she pays $1,234.50 then 18 dollars.") == "18"
+    assert last_number("total 1,000,000 ") == "1000000"
+    assert last_number("ratio -3/4") == "-3/4"
+    assert last_number("none") is None
+
+
+def test_gold_and_candidate_rules():
+    assert gold_answer("work <<2*9=18>>\n#### 1,018") == ("number", "1018")
+    assert gold_answer(r"so \boxed{\frac{1}{2}}.") == ("latex", r"\frac{1}{2}")
+    assert gold_answer(r"\frac{1}{2}") == ("latex", r"\frac{1}{2}")
+    assert gold_answer(42) == ("latex", "42")
+    assert candidate("18 dollars", "block", "number") == "18"
+    assert candidate(r"$\frac{1}{2}$.", "block", "latex") == r"\frac{1}{2}"
+    assert candidate(r"x \boxed{2} y 3", "text", "latex") == "2"
+    assert candidate("it is 7, not 8", "text", "latex") == "8"
+    assert after_delimiter(r"The answer is \boxed{1} or \boxed{\frac{2}{3}} ok", "\\boxed{") == r"\frac{2}{3}"
+    assert after_delimiter("The answer is 12\nmore", "The answer is") == " 12"
+    assert after_delimiter(r"\boxed{12", "\\boxed{") is None
+
+
+def test_every_gsm8k_gold_verifies_and_perturbations_fail():
+    rows = load("gsm8k_test.jsonl")
+    gold = [r["answer"] for r in rows]
+    finals = [g.rsplit("####", 1)[1].strip() for g in gold]
+    assert len(rows) == 1319
+    assert math_accuracy([f"So the answer is {n}." for n in finals], answer=gold) == [1.0] * len(rows)
+    assert math_accuracy([f"\\boxed{{{n}}}" for n in finals], answer=gold) == [1.0] * len(rows)
+    wrong = [str(int(n.replace(",", "")) + 1) for n in finals]
+    assert math_accuracy(["x"] * len(rows), answer=gold, answer_texts=wrong) == [0.0] * len(rows)
+    assert math_accuracy([f"So the answer is {n}." for n in wrong], answer=gold) == [0.0] * len(rows)
+
+
+def test_every_math500_answer_verifies_against_boxed_and_perturbations_fail():
+    rows = load("math500_test.jsonl")
+    answers = [r["answer"] for r in rows]
+    assert len(rows) == 500
+    assert math_accuracy([f"Hence \\boxed{{{a}}}." for a in answers], answer=answers) == [1.0] * len(rows)
+    assert math_accuracy(["..."] * len(rows), answer=answers, answer_texts=answers) == [1.0] * len(rows)
+    # the gold may also be the full solution (its last \boxed{} is used)
+    assert math_accuracy([f"\\boxed{{{a}}}" for a in answers], solution=[r["solution"] for r in rows]) == [1.0] * 500
+    pairs = [(a, answers[(i + 1) % len(answers)]) for i, a in enumerate(answers)]
+    pairs = [(a, b) for a, b in pairs if a != b and (a, b) not in EQUIVALENT_NEIGHBOURS]
+    scores = math_accuracy([f"\\boxed{{{b}}}" for _, b in pairs], answer=[a for a, _ in pairs])
+    assert [p for p, s in zip(pairs, scores) if s != 0.0] == []
+    numeric = [a for a in answers if a.lstrip("-").isdigit()]
+    scores = math_accuracy([f"\\boxed{{{int(a) + 1}}}" for a in numeric], answer=numeric)
+    assert len(numeric) > 100 and scores == [0.0] * len(numeric)
+
+
+def test_answer_texts_take_precedence_over_the_completion():
+    assert math_accuracy([r"\boxed{17}"], answer=["#### 18"], answer_texts=["18"]) == [1.0]
+    assert math_accuracy([r"\boxed{18}"], answer=["#### 18"], answer_texts=["17"]) == [0.0]
+    assert math_accuracy(["..."], answer=[r"\frac{1}{2}"], answer_texts=[r"$\frac{2}{4}$."]) == [1.0]
+
+
+def test_chat_completions_and_no_answer():
+    chat = [[{"role": "assistant", "content": r"It is \boxed{3}."}], [{"role": "assistant", "content": "no idea"}]]
+    assert math_accuracy(chat, answer=["3", "3"]) == [1.0, 0.0]
+    parts = [[{"role": "assistant", "content": [{"type": "text", "text": r"\boxed{x^2}"}]}]]
+    assert math_accuracy(parts, answer=["x^2"]) == [1.0]
+
+
+def test_missing_gold_column_says_which_columns_exist():
+    with pytest.raises(ValueError, match="'answer' or 'solution'.*question"):
+        math_accuracy(["1"], question=["q"])
+    with pytest.raises(ValueError, match="2 values for 1 completions"):
+        math_accuracy(["1"], answer=["1", "2"])
+
+
+def test_format_reward():
+    texts = [r"so \boxed{\frac{1}{2}}", r"so \boxed{}", r"so \boxed{1", "so 1/2", r"\boxed{1} then \boxed{2}"]
+    assert answer_format(texts) == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert answer_format(["x", "x", "x"], answer_texts=["12", "  ", "}{"]) == [1.0, 0.0, 0.0]
+    plain = FormatReward(delimiter="The answer is")
+    assert plain(["... The answer is 12.", "... The answer is \n12", "12"]) == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="delimiter"):
+        FormatReward(delimiter="")
