@@ -1,0 +1,54 @@
+"""One RL run from resolved configs: data, tokenizer, policy (+ LoRA), rewards, trainer, train, atomic save."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from rl.checkpoint import save_final_model
+from rl.models import DTYPES, load_pretrained, load_tokenizer
+from rl.recipe import recipe_yaml
+from rl.sft.config import LoraArguments
+from rl.tasks import TaskConfig, load_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PolicyModelArgs:
+    """The policy to train (`trust_remote_code` is TRL's own config field). Field names are recipe keys."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local dir of the policy."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (None: the model's)."})
+    dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+
+
+@dataclass
+class RewardArgs:
+    """Outcome rewards by registered name or import path. Field names are recipe keys."""
+
+    rewards: list[str] = field(default_factory=lambda: ["math"], metadata={"help": "Reward names or import paths "
+                                                                                   "(weights: TRL's reward_weights)."})
+    final_model_dir: str | None = field(default=None, metadata={"help": "Final model dir (default output_dir/final)."})
+
+
+def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: LoraArguments, rewards: RewardArgs,
+           args) -> str:
+    """Train `trainer_cls` (Diffusion{GRPO,RLOO}Trainer) and write the final model; returns its path."""
+    from rewards.registry import get_rewards
+
+    if not model_cfg.model_name_or_path:
+        raise ValueError("Set model_name_or_path (a hub id or a local dir, e.g. outputs/tiny/sft/final).")
+    reward_funcs = get_rewards(rewards.rewards)  # unknown names fail here, before any model is loaded
+    path = model_cfg.model_name_or_path
+    tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path or path, args.trust_remote_code)
+    model = load_pretrained(path, args.trust_remote_code, model_cfg.dtype)
+    data = load_task(task, split=task.split or "train")
+    logger.info("RL on %d rows of %s (left out: %s).", len(data.dataset), data.source, dict(data.bad_rows.counts))
+    trainer = trainer_cls(
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=data.dataset, processing_class=tokenizer,
+        peft_config=lora.peft_config() if lora.use_peft else None,
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    final = rewards.final_model_dir or f"{args.output_dir.rstrip('/')}/final"
+    return save_final_model(trainer, final, {"recipe.yaml": recipe_yaml(task, model_cfg, lora, rewards, args)})
