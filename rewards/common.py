@@ -61,12 +61,16 @@ def report(name: str, rewards: list[float | None], notes: Counter, log_metric: C
         log_metric(f"reward/{name}_unscorable", missing / len(rewards))
 
 
-def shared_pool(target: str, timeout: float, num_workers: int | None, memory_bytes: int | None) -> WorkerPool:
+def shared_pool(
+    target: str, timeout: float, num_workers: int | None, memory_bytes: int | None, warmup: str | None = None
+) -> WorkerPool:
     """One pool per process and configuration (a forked child never reuses its parent's workers)."""
-    key = (os.getpid(), target, timeout, num_workers, memory_bytes)
+    key = (os.getpid(), target, timeout, num_workers, memory_bytes, warmup)
     with _pools_lock:
         if key not in _pools:
-            _pools[key] = WorkerPool(target, num_workers=num_workers, timeout=timeout, memory_bytes=memory_bytes)
+            _pools[key] = WorkerPool(
+                target, num_workers=num_workers, timeout=timeout, memory_bytes=memory_bytes, warmup=warmup
+            )
         return _pools[key]
 
 

@@ -18,7 +18,7 @@ from collections import Counter
 
 from rewards.common import completion_text, report, shared_pool
 from rewards.math_answer import MAX_CHARS, after_delimiter
-from rewards.math_reward import TARGET
+from rewards.math_reward import TARGET, WARMUP
 
 
 class FormatReward:
@@ -52,7 +52,7 @@ class FormatReward:
             answers = [after_delimiter(completion_text(c), self.delimiter) for c in completions]
             answers = [None if a is None else a.strip() for a in answers]
         todo = [i for i, a in enumerate(answers) if a]
-        pool = shared_pool(TARGET, self.timeout, self.num_workers, self.memory_bytes)
+        pool = shared_pool(TARGET, self.timeout, self.num_workers, self.memory_bytes, WARMUP)
         results = pool.map([("parseable", answers[i], "block", self.max_chars) for i in todo])
         rewards: list[float | None] = [0.0] * len(completions)
         notes = Counter(missing=len(completions) - len(todo))

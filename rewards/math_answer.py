@@ -4,11 +4,13 @@ What is compared (same rule for GSM8K and MATH):
 
 - Gold: a GSM8K solution is reduced to the number after its last `####` (commas dropped); a MATH solution with a
   `\\boxed{}` to its last boxed content; anything else (MATH-500's `answer` column, plain numbers) is taken as is.
-- Prediction: the content of the last complete `\\boxed{...}` if there is one; otherwise, for a numeric gold,
-  the last number; otherwise, from the answer block of the infilling canvas, the whole block (surrounding `$` and
-  a final period removed); otherwise, from free text, the last number.
+  A gold that is a plain number is "numeric".
+- Prediction: the content of the last complete `\\boxed{...}` if there is one. Otherwise, from the answer block of
+  the infilling canvas, the whole block (surrounding `$` and a final period removed) and, for a numeric gold, also
+  its last number ("18 dollars"); from free text, the last number.
 - Both are parsed as `\\boxed{...}` by math-verify (LaTeX first, plain expression second) and compared with
-  `math_verify.verify`. Predictions longer than `max_chars` are not parsed and score 0 ("too_long").
+  `math_verify.verify`; the sample is correct if one of its (at most two) candidates is. Candidates longer than
+  `max_chars` are not parsed and score 0 ("too_long").
 
 `score` and `parseable` call math-verify with its signal-based timeouts disabled: they are meant to run inside a
 `rewards.pool.WorkerPool`, whose timer and kill are the real guard.
@@ -74,23 +76,32 @@ def after_delimiter(text: str, delimiter: str) -> str | None:
 
 
 def gold_answer(gold) -> tuple[str, str]:
-    """Normalise a gold answer column to (kind, text), kind 'number' (GSM8K `#### N`) or 'latex'."""
+    """Normalise a gold answer column to (kind, text): kind 'number' (GSM8K `#### N`, or a plain number) or 'latex'."""
     gold = str(gold)
     if "####" in gold:
-        return "number", gold.rsplit("####", 1)[1].strip().replace(",", "")
-    boxed = last_boxed(gold)
-    return "latex", (boxed if boxed is not None else gold).strip()
+        gold = gold.rsplit("####", 1)[1]
+    else:
+        boxed = last_boxed(gold)
+        gold = boxed if boxed is not None else gold
+    gold = gold.strip()
+    if NUMBER.fullmatch(gold):
+        return "number", gold.replace(",", "")
+    return "latex", gold
 
 
-def candidate(text: str, source: str, kind: str) -> str | None:
-    """The prediction to compare (see the module docstring). source: 'block' (answer block) or 'text'."""
+def candidates(text: str, source: str, kind: str) -> list[str]:
+    """The predictions to compare, best first (see the module docstring). source: 'block' (answer block) or 'text'."""
     boxed = last_boxed(text)
     if boxed is not None:
-        return boxed.strip()
-    if kind == "number" or source == "text":
-        return last_number(text)
+        return [boxed.strip()] if boxed.strip() else []
+    number = last_number(text)
+    if source == "text":
+        return [number] if number is not None else []
     block = text.strip().rstrip(". ").strip("$ ").rstrip(". ")  # "$x$." -> "x"
-    return block or None
+    out = [block] if block else []
+    if kind == "number" and number is not None and number != block:
+        out.append(number)
+    return out
 
 
 # ----- inside workers -----------------------------------------------------------------------------------------
@@ -111,7 +122,7 @@ def _parse(expr: str):
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_gold(kind: str, text: str):
+def _parse_gold(text: str):
     return _parse(text)
 
 
@@ -121,19 +132,30 @@ def score(gold, text: str, source: str = "text", max_chars: int | None = MAX_CHA
     Raises whatever math-verify raises (the pool reports it as an error, i.e. not scorable).
     """
     kind, gold_text = gold_answer(gold)
-    pred = candidate(text, source, kind)
-    if pred is None:
+    preds = candidates(text, source, kind)
+    if not preds:
         return 0.0, "no_answer"
-    if max_chars is not None and len(pred) > max_chars:
+    if max_chars is not None and all(len(p) > max_chars for p in preds):
         return 0.0, "too_long"
-    gold_parsed = _parse_gold(kind, gold_text)
+    gold_parsed = _parse_gold(gold_text)
     if not gold_parsed:
         raise ValueError(f"math-verify cannot parse the gold answer {gold_text[:100]!r}")
-    pred_parsed = _parse(pred)
-    if not pred_parsed:
-        return 0.0, "no_answer"
-    ok = _math_verify().verify(gold_parsed, pred_parsed, timeout_seconds=None)
-    return (1.0, "correct") if ok else (0.0, "wrong")
+    note = "no_answer"
+    for pred in preds:
+        if max_chars is not None and len(pred) > max_chars:
+            continue
+        pred_parsed = _parse(pred)
+        if pred_parsed:
+            if _math_verify().verify(gold_parsed, pred_parsed, timeout_seconds=None):
+                return 1.0, "correct"
+            note = "wrong"
+    return 0.0, note
+
+
+def warmup() -> None:
+    """Import math-verify and run one LaTeX and one numeric comparison (parser set-up, caches)."""
+    score("\\frac{1}{2}", "\\boxed{0.5}")
+    score("#### 3", "3")
 
 
 def dispatch(op: str, *args):
@@ -143,7 +165,7 @@ def dispatch(op: str, *args):
 
 def parseable(text: str, source: str = "text", max_chars: int | None = MAX_CHARS) -> bool:
     """Whether the answer `score` would compare is present, short enough, and parsed by math-verify."""
-    pred = candidate(text, source, "latex")
-    if pred is None or (max_chars is not None and len(pred) > max_chars):
+    preds = candidates(text, source, "latex")
+    if not preds or (max_chars is not None and len(preds[0]) > max_chars):
         return False
-    return bool(_parse(pred))
+    return bool(_parse(preds[0]))

@@ -23,7 +23,7 @@ from rewards.math_answer import MAX_CHARS
 logger = logging.getLogger(__name__)
 
 GOLD_COLUMNS = ("answer", "solution")
-TARGET = "rewards.math_answer:dispatch"
+TARGET, WARMUP = "rewards.math_answer:dispatch", "rewards.math_answer:warmup"
 
 
 class MathReward:
@@ -56,7 +56,7 @@ class MathReward:
 
     @property
     def pool(self):
-        return shared_pool(TARGET, self.timeout, self.num_workers, self.memory_bytes)
+        return shared_pool(TARGET, self.timeout, self.num_workers, self.memory_bytes, WARMUP)
 
     def __repr__(self) -> str:
         settings = f"timeout={self.timeout}, num_workers={self.num_workers}, max_chars={self.max_chars}"

@@ -61,12 +61,14 @@ def _on_alarm(signum, frame):
 def _worker(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     try:
-        sys.path[:], target, timeout, memory_bytes = conn.recv()
+        sys.path[:], target, warmup, timeout, memory_bytes = conn.recv()
         if memory_bytes:
             import resource
 
             resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
         fn = resolve(target)
+        if warmup:
+            resolve(warmup)()  # imports and first-call set-up must not count against the first task's timeout
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         conn.send(("init_error", f"{type(e).__name__}: {e}"))
         return
@@ -102,7 +104,7 @@ _BOOT = "import sys; sys.path.insert(0, sys.argv[2]); from rewards.pool import w
 
 
 class _Worker:
-    def __init__(self, target: str, timeout: float, memory_bytes: int | None):
+    def __init__(self, target: str, warmup: str | None, timeout: float, memory_bytes: int | None):
         parent, child = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT, str(child.fileno()), str(Path(__file__).resolve().parents[1])],
@@ -110,7 +112,7 @@ class _Worker:
         )
         child.close()
         self.conn = Connection(parent.detach())
-        self.conn.send((list(sys.path), target, timeout, memory_bytes))
+        self.conn.send((list(sys.path), target, warmup, timeout, memory_bytes))
         self.started = time.monotonic()
         self.ready = False
         self.task: tuple[int, float] | None = None  # (index, deadline)
@@ -145,7 +147,8 @@ class WorkerPool:
         timeout: per-task soft timeout in seconds (the worker raises SoftTimeout and survives).
         grace: extra seconds before the parent kills a worker whose task ignores the soft timeout.
         memory_bytes: RLIMIT_AS of each worker (None: unlimited), so a runaway task fails with MemoryError.
-        startup_timeout: seconds a worker may take to import `target` before the pool gives up.
+        startup_timeout: seconds a worker may take to import `target` (and run `warmup`) before the pool gives up.
+        warmup: optional "module:function" each worker calls once before taking tasks (lazy imports, caches).
         recycle_on_timeout: replace a worker after a soft timeout too (the interrupted task may have left caches
             half-updated); costs one interpreter start per timed-out task.
     """
@@ -159,19 +162,20 @@ class WorkerPool:
         memory_bytes: int | None = 4 << 30,
         startup_timeout: float = 120.0,
         recycle_on_timeout: bool = True,
+        warmup: str | None = None,
     ):
         if not timeout > 0 or grace < 0:
             raise ValueError(f"timeout must be > 0 and grace >= 0, got timeout={timeout}, grace={grace}.")
         self.target, self.timeout, self.grace, self.memory_bytes = target, timeout, grace, memory_bytes
         self.num_workers = num_workers or min(4, os.cpu_count() or 1)
-        self.startup_timeout, self.recycle_on_timeout = startup_timeout, recycle_on_timeout
+        self.startup_timeout, self.recycle_on_timeout, self.warmup = startup_timeout, recycle_on_timeout, warmup
         self.restarts = 0
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
 
     def _spawn(self) -> _Worker:
-        w = _Worker(self.target, self.timeout, self.memory_bytes)
+        w = _Worker(self.target, self.warmup, self.timeout, self.memory_bytes)
         self._workers.append(w)
         return w
 

@@ -227,4 +227,23 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
         status, reason = "output_limit", f"output limit ({limits.file_bytes} bytes)"
     else:
         status, reason = _classify(proc.returncode, report, limits, seconds)
+    if guards is not None:
+        _log_guards_once(guards)
     return SandboxResult(status, reason, seconds, guards or [], stdout, stderr)
+
+
+_guards_logged = False
+
+
+def _log_guards_once(guards: list[str]) -> None:
+    global _guards_logged
+    if _guards_logged:
+        return
+    _guards_logged = True
+    logger.info("Sandbox confinement layers: %s.", ", ".join(guards))
+    if os.geteuid() == 0 and "seccomp" not in guards:
+        logger.warning(
+            "Running as root without seccomp (%s): only the Python-level guard stops process creation, and a "
+            "program that bypasses it (ctypes) could fork. Run rewards as an unprivileged user where possible.",
+            ", ".join(guards),
+        )

@@ -232,7 +232,7 @@ def main() -> None:
         guards.append("netns")
     if attempt(private_tmpfs, libc, workdir, limits["disk_bytes"]):
         guards.append("tmpfs")
-    attempt(libc.prctl, *_c(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+    attempt(lambda: libc.prctl(*_c(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)))
     abi = attempt(landlock, libc, workdir)
     if abi:
         guards.append(f"landlock{abi}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rewards.format_reward import FormatReward, answer_format
-from rewards.math_answer import after_delimiter, candidate, gold_answer, last_boxed, last_number
+from rewards.math_answer import after_delimiter, candidates, gold_answer, last_boxed, last_number
 from rewards.math_reward import math_accuracy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -41,11 +41,13 @@ def test_gold_and_candidate_rules():
     assert gold_answer("work <<2*9=18>>\n#### 1,018") == ("number", "1018")
     assert gold_answer(r"so \boxed{\frac{1}{2}}.") == ("latex", r"\frac{1}{2}")
     assert gold_answer(r"\frac{1}{2}") == ("latex", r"\frac{1}{2}")
-    assert gold_answer(42) == ("latex", "42")
-    assert candidate("18 dollars", "block", "number") == "18"
-    assert candidate(r"$\frac{1}{2}$.", "block", "latex") == r"\frac{1}{2}"
-    assert candidate(r"x \boxed{2} y 3", "text", "latex") == "2"
-    assert candidate("it is 7, not 8", "text", "latex") == "8"
+    assert gold_answer(42) == ("number", "42") and gold_answer("1,000") == ("number", "1000")
+    assert candidates("18 dollars", "block", "number") == ["18 dollars", "18"]
+    assert candidates("18", "block", "number") == ["18"]
+    assert candidates(r"$\frac{1}{2}$.", "block", "latex") == [r"\frac{1}{2}"]
+    assert candidates(r"x \boxed{2} y 3", "text", "latex") == ["2"]
+    assert candidates("it is 7, not 8", "text", "latex") == ["8"]
+    assert candidates(r"\boxed{}", "text", "number") == candidates("no digits", "text", "number") == []
     assert after_delimiter(r"The answer is \boxed{1} or \boxed{\frac{2}{3}} ok", "\\boxed{") == r"\frac{2}{3}"
     assert after_delimiter("The answer is 12\nmore", "The answer is") == " 12"
     assert after_delimiter(r"\boxed{12", "\\boxed{") is None
@@ -84,6 +86,10 @@ def test_answer_texts_take_precedence_over_the_completion():
     assert math_accuracy([r"\boxed{17}"], answer=["#### 18"], answer_texts=["18"]) == [1.0]
     assert math_accuracy([r"\boxed{18}"], answer=["#### 18"], answer_texts=["17"]) == [0.0]
     assert math_accuracy(["..."], answer=[r"\frac{1}{2}"], answer_texts=[r"$\frac{2}{4}$."]) == [1.0]
+    # a plain-number gold (GSM8K as our task loaders store it): the block, or its last number
+    golds = ["18", "18", "18", "18"]
+    blocks = ["18 dollars", r"\frac{36}{2}", "$18.00", "17 or 19"]
+    assert math_accuracy(["..."] * 4, answer=golds, answer_texts=blocks) == [1.0, 1.0, 1.0, 0.0]
 
 
 def test_chat_completions_and_no_answer():
