@@ -13,18 +13,22 @@ from __future__ import annotations
 import logging
 
 
-def main(argv: list[str] | None = None) -> str:
+def configs() -> list[type]:
+    """The dataclasses whose fields are this script's recipe keys."""
     from rl.config import DiffusionRLOOConfig
-    from rl.recipe import parse
-    from rl.rl_run import PolicyModelArgs, RewardArgs, run_rl
+    from rl.rl_run import PolicyModelArgs, RewardArgs
     from rl.sft.config import LoraArguments
     from rl.tasks import TaskConfig
+
+    return [TaskConfig, PolicyModelArgs, LoraArguments, RewardArgs, DiffusionRLOOConfig]
+
+
+def main(argv: list[str] | None = None) -> str:
+    from rl.recipe import parse
+    from rl.rl_run import run_rl
     from rl.trainer import DiffusionRLOOTrainer
 
-    task, model_cfg, lora, rewards, args = parse(
-        [TaskConfig, PolicyModelArgs, LoraArguments, RewardArgs, DiffusionRLOOConfig], argv,
-        description=__doc__.split("\n\n")[0],
-    )
+    task, model_cfg, lora, rewards, args = parse(configs(), argv, description=__doc__.split("\n\n")[0])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return run_rl(DiffusionRLOOTrainer, task, model_cfg, lora, rewards, args)
 

@@ -66,8 +66,10 @@ def test_bad_values_fail_in_post_init(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True)))
 def test_every_shipped_recipe_parses(path):
-    script = _script("evaluate" if os.path.basename(path).startswith("eval") else "sft")
-    configs = parse(script.configs(), [path, "--use_cpu", "true"] if "sft" in path else [path])
+    name = os.path.basename(path)
+    kind = next((k for k in ("eval", "grpo", "rloo") if name.startswith(k) or f"_{k}" in name), "sft")
+    script = _script({"eval": "evaluate"}.get(kind, kind))
+    configs = parse(script.configs(), [path] if kind == "eval" else [path, "--use_cpu", "true", "--bf16", "false"])
     assert len(configs) == len(script.configs())
 
 
