@@ -28,7 +28,8 @@ class ModelConfig:
         metadata={"help": "Hub id or local model dir; a dir with adapter_config.json is a LoRA adapter on its base."},
     )
     tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer to load (None: the model's; with from_scratch: built from the task)."}
+        default=None,
+        metadata={"help": "Tokenizer to load (None: the model's; with from_scratch: built from the task)."},
     )
     adapter_path: str | None = field(default=None, metadata={"help": "LoRA adapter dir applied on top of the model."})
     trust_remote_code: bool = field(
@@ -50,7 +51,7 @@ class ScratchModelConfig:
     )
     scratch_layers: int = field(default=4, metadata={"help": "from_scratch: transformer layers."})
     scratch_hidden: int = field(default=128, metadata={"help": "from_scratch: hidden size."})
-    scratch_heads: int = field(default=4, metadata={"help": "from_scratch: attention heads (must divide scratch_hidden)."})
+    scratch_heads: int = field(default=4, metadata={"help": "from_scratch: attention heads (divide scratch_hidden)."})
     scratch_kv_heads: int = field(default=2, metadata={"help": "from_scratch: key/value heads (divides heads)."})
     scratch_max_length: int = field(default=512, metadata={"help": "from_scratch: context length."})
 

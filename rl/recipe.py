@@ -125,6 +125,12 @@ def parse(types: Sequence[type], args: Sequence[str] | None = None, description:
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
 
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return getattr(f.default, "value", f.default)
+
+
 def to_dict(*configs, only_changed: bool = False) -> dict[str, Any]:
     """Flat {field: value} of config dataclasses: what a recipe with these values would say.
 
@@ -137,7 +143,7 @@ def to_dict(*configs, only_changed: bool = False) -> dict[str, Any]:
                 continue
             value = getattr(cfg, f.name)
             value = getattr(value, "value", value)  # enums (TrainingArguments strategies) as their strings
-            if only_changed and f.default is not dataclasses.MISSING and value == getattr(f.default, "value", f.default):
+            if only_changed and value == _default(f):
                 continue
             if isinstance(value, (str, int, float, bool, list, type(None))):
                 out[f.name] = value

@@ -4,10 +4,10 @@
     accelerate launch scripts/sft.py recipes/sft_llada_gsm8k.yaml     # LLaDA-8B-Base, LoRA, GSM8K gold traces
     python scripts/sft.py recipes/tiny/sft.yaml --max_steps 50 --output_dir /tmp/sft
 
-The recipe keys are the fields of TaskConfig, ModelConfig, ScratchModelConfig, LoraArguments, TemplateConfig and DiffusionSFTConfig
-(a transformers TrainingArguments); flags override the recipe. The objective is in `rl/sft/loss.py`; the final
-model (or LoRA adapter), its tokenizer, the resolved recipe and a data report are written atomically to
-`final_model_dir` (default `<output_dir>/final`).
+The recipe keys are the fields of TaskConfig, ModelConfig, ScratchModelConfig, LoraArguments, TemplateConfig and
+DiffusionSFTConfig (a transformers TrainingArguments); flags override the recipe. The objective is in
+`rl/sft/loss.py`; the final model (or LoRA adapter), its tokenizer, the resolved recipe and a data report are
+written atomically to `final_model_dir` (default `<output_dir>/final`).
 """
 
 from __future__ import annotations

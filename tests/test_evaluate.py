@@ -117,4 +117,5 @@ def test_model_without_mask_token_is_a_clear_error(tmp_path, model_dir):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     with pytest.raises(ValueError, match="no mask token"):
-        script.main(["--model_name_or_path", str(path), "--test_size", "7", "--output_file", str(tmp_path / "x.jsonl")])
+        script.main(["--model_name_or_path", str(path), "--test_size", "7",
+                     "--output_file", str(tmp_path / "x.jsonl")])

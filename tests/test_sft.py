@@ -107,10 +107,9 @@ def test_fit_to_canvas_counts_or_rejects_long_reasoning(tiny):
 def _trainer(tmp_path, tok, data, model, **overrides):
     from rl.sft.trainer import DiffusionSFTTrainer
 
-    args = DiffusionSFTConfig(
-        output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
-        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1, **overrides,
-    )
+    settings = dict(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
+                    report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
+    args = DiffusionSFTConfig(**{**settings, **overrides})
     return DiffusionSFTTrainer(model=model, args=args, template=TEMPLATE, processing_class=tok, train_dataset=data)
 
 
@@ -206,8 +205,8 @@ def test_ci_sized_sft_raises_held_out_accuracy(tmp_path):
 
     recipe = os.path.join(root, "recipes", "tiny", "sft_ci.yaml")
     final = script("sft").main([recipe, "--output_dir", str(tmp_path / "sft")])
-    summary = script("evaluate").main([os.path.join(root, "recipes", "tiny", "eval_ci.yaml"),
-                                       "--model_name_or_path", final, "--output_file", str(tmp_path / "trained.jsonl")])
+    summary = script("evaluate").main([os.path.join(root, "recipes", "tiny", "eval_ci.yaml"), "--model_name_or_path",
+                                       final, "--output_file", str(tmp_path / "trained.jsonl")])
     # The same architecture, untrained, on the same rows.
     from rl.recipe import parse
     from rl.tasks import TaskConfig as TC

@@ -20,7 +20,8 @@ def test_numbers_are_digit_tokens_and_decode_whole():
 def test_special_tokens_and_unknown_words():
     tok = build_tokenizer(TEXTS)
     assert tok.convert_ids_to_tokens(list(range(5))) == list(SPECIAL_TOKENS)
-    assert (tok.pad_token_id, tok.eos_token_id, tok.mask_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3, 4)
+    ids = (tok.pad_token_id, tok.eos_token_id, tok.mask_token_id, tok.bos_token_id, tok.unk_token_id)
+    assert ids == (0, 1, 2, 3, 4)
     assert tok("Mia has 3 zebras", add_special_tokens=False)["input_ids"][-1] == tok.unk_token_id
     assert "12" not in tok.get_vocab()  # numbers are never whole tokens
 

@@ -8,8 +8,8 @@ import logging
 from rl.checkpoint import save_final_model
 from rl.models import ModelConfig, ScratchModelConfig, build_scratch_model, load_pretrained, load_tokenizer
 from rl.recipe import recipe_yaml
-from rl.sft.data import fit_to_canvas
 from rl.sft.config import DiffusionSFTConfig, LoraArguments
+from rl.sft.data import fit_to_canvas
 from rl.sft.trainer import DiffusionSFTTrainer
 from rl.tasks import TaskConfig, load_task
 from rl.tokenizer import build_tokenizer
