@@ -37,6 +37,9 @@ class DiffusionArgs:
     answer_length: int = field(default=16, metadata={"help": "A: masked answer positions."})
     delimiter: str = field(default="\nThe answer is ", metadata={"help": "Text between reasoning and answer."})
     suffix: str = field(default="", metadata={"help": "Text after the answer block."})
+    chat_prompts: bool = field(default=False, metadata={"help": "Wrap each prompt as a user turn (plus system_prompt) "
+                                                                "so the tokenizer's chat template formats it "
+                                                                "(instruct models)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system turn (chat prompts)."})
     pad_with: str = field(default="eos", metadata={"help": "Token padding gold answers: eos or pad."})
     # Likelihood and advantages.
@@ -46,6 +49,14 @@ class DiffusionArgs:
     dense_coef: float = field(default=0.0, metadata={"help": "Weight of the per-token phi shaping term in the "
                                                              "advantage; 0 is outcome-only."})
     dense_credit: str = field(default="return_to_go", metadata={"help": "phi credit: return_to_go or immediate."})
+    heldout_eval_steps: int = field(default=0, metadata={"help": "Evaluate on the task's held-out split every N "
+                                                                 "steps (and before/after training); 0 = off."})
+    heldout_size: int = field(default=200, metadata={"help": "Held-out rows per evaluation (first N of the split)."})
+    heldout_dataset_path: str | None = field(default=None, metadata={"help": "Held-out hub dataset or local jsonl "
+                                                                             "(None: the task's test split)."})
+    heldout_policy: str | None = field(default=None, metadata={
+        "help": "Held-out sampler policy (None: the rollout policy); the other sampler fields are shared."})
+    heldout_temperature: float = field(default=0.0, metadata={"help": "Held-out sampling temperature (0: greedy)."})
     rollout_log_dir: str | None = field(
         default=None, metadata={"help": "Per-step rollout JSONL folder (default output_dir/rollouts; empty = off)."}
     )
@@ -66,12 +77,21 @@ class DiffusionArgs:
             raise ValueError(f"dense_coef must be >= 0, got {self.dense_coef}.")
         if self.dense_coef > 0 and self.layout != "infill":
             raise ValueError("dense_coef > 0 needs layout='infill': phi is read from the answer block.")
+        if self.heldout_eval_steps < 0 or self.heldout_size < 1:
+            raise ValueError(f"heldout_eval_steps must be >= 0 and heldout_size >= 1; got {self.heldout_eval_steps}, "
+                             f"{self.heldout_size}.")
+        self.heldout_sampler_config()
         if self.block_length is not None and self.reasoning_length % self.block_length:
             raise ValueError(f"block_length={self.block_length} must divide reasoning_length={self.reasoning_length}.")
 
     def sampler_config(self) -> SamplerConfig:
         names = {f.name for f in dataclasses.fields(SamplerConfig)} - {"temperature", "seed"}
         return SamplerConfig(**{n: getattr(self, n) for n in names}, temperature=self.temperature, seed=self.seed)
+
+    def heldout_sampler_config(self) -> SamplerConfig:
+        """The held-out evaluation sampler: the rollout sampler with `heldout_policy` and `heldout_temperature`."""
+        return dataclasses.replace(self.sampler_config(), policy=self.heldout_policy or self.policy,
+                                   temperature=self.heldout_temperature)
 
     def template_config(self) -> TemplateConfig:
         names = {f.name for f in dataclasses.fields(TemplateConfig)} - {"chat_template", "max_prompt_length"}

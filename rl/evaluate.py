@@ -10,21 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from rl.tasks.loaders import normalize_number
 from rollout.adapter import MDLMAdapter
 from rollout.sampler import SampleOutput, SamplerConfig, sample
 from rollout.template import TemplateConfig, build_canvas, decode_block
 
 logger = logging.getLogger(__name__)
-
-_FIRST_NUMBER = re.compile(r"[-+]?\$?\d[\d,]*(\.\d+)?")
-
 
 @dataclass
 class EvalConfig:
@@ -49,24 +44,13 @@ def row_seed(seed: int, index: int) -> int:
     return (seed << 32) + index
 
 
-def extract_answer(text: str) -> str:
-    """The answer part of decoded text: a plain number if there is one, else the stripped text."""
-    direct = normalize_number(text)
-    if direct is not None:
-        return direct
-    match = _FIRST_NUMBER.search(text)
-    if match:
-        return normalize_number(match.group(0)) or text.strip()
-    return text.strip()
+def check_answers(golds: list[str], answers: list[str]) -> list[bool]:
+    """Whether each decoded answer matches its gold answer, by the same math-verify check as the `math` reward
+    (`rewards.math_reward.math_accuracy`, answers read as answer-block text). Unscorable answers count as wrong."""
+    from rewards.math_reward import math_accuracy
 
-
-def is_correct(predicted: str, gold: str) -> bool:
-    """Exact match of normalised answers: numbers compared as normalised numbers ('1,000' == '1000',
-    '18.0' == '18'), anything else as whitespace-free strings. The single place to swap in a verifier."""
-    gold_number = normalize_number(gold)
-    if gold_number is not None:
-        return extract_answer(predicted) == gold_number
-    return "".join(predicted.split()) == "".join(gold.split())
+    scores = math_accuracy(completions=answers, answer=golds, answer_texts=answers)
+    return [score == 1.0 for score in scores]
 
 
 def decode_row(out: SampleOutput, i: int, tokenizer, adapter: MDLMAdapter, template: TemplateConfig):
@@ -102,9 +86,9 @@ def evaluate(adapter: MDLMAdapter, tokenizer, dataset, template: TemplateConfig,
             totals["answers_truncated"] += canvas.report.get("answers_truncated", 0)
             seeds = [row_seed(sampler.seed, lo + j) for j in range(len(golds))]
             out = sample(adapter, canvas, sampler, seeds=seeds)
-            for j, gold in enumerate(golds):
-                reasoning, answer = decode_row(out, j, tokenizer, adapter, template)
-                correct = is_correct(answer, gold)
+            decoded = [decode_row(out, j, tokenizer, adapter, template) for j in range(len(golds))]
+            verdicts = check_answers(golds, [answer for _, answer in decoded])
+            for j, (gold, (reasoning, answer), correct) in enumerate(zip(golds, decoded, verdicts)):
                 totals["correct"] += correct
                 record = {"index": lo + j, "prompt": batch["prompt"][j], "gold": gold, "reasoning": reasoning,
                           "answer": answer, "correct": correct, **out.row(j)}

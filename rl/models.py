@@ -54,6 +54,9 @@ class ScratchModelConfig:
     scratch_heads: int = field(default=4, metadata={"help": "from_scratch: attention heads (divide scratch_hidden)."})
     scratch_kv_heads: int = field(default=2, metadata={"help": "from_scratch: key/value heads (divides heads)."})
     scratch_max_length: int = field(default=512, metadata={"help": "from_scratch: context length."})
+    scratch_rope_theta: float = field(
+        default=10000.0, metadata={"help": "from_scratch: RoPE base (Gemma3's 1e6 suits long contexts, not ~100)."}
+    )
 
     def __post_init__(self) -> None:
         if self.scratch_hidden % self.scratch_heads or self.scratch_heads % self.scratch_kv_heads:
@@ -77,6 +80,8 @@ def build_scratch_model(config: ScratchModelConfig, tokenizer, seed: int = 0):
         num_key_value_heads=config.scratch_kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
         max_position_embeddings=config.scratch_max_length, use_bidirectional_attention=True,
         layer_types=["full_attention"] * config.scratch_layers, final_logit_softcapping=None,
+        rope_parameters={kind: {"rope_type": "default", "rope_theta": config.scratch_rope_theta}
+                         for kind in ("full_attention", "sliding_attention")},
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     with torch.random.fork_rng(devices=[]):

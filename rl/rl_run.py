@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -44,10 +45,27 @@ def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: Lora
     tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path or path, args.trust_remote_code)
     model = load_pretrained(path, args.trust_remote_code, model_cfg.dtype)
     data = load_task(task, split=task.split or "train")
+    if args.chat_prompts:
+        system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        def as_chat(row: dict) -> dict:
+            return {"prompt": [*system, {"role": "user", "content": row["prompt"]}]}
+
+        data.dataset = data.dataset.map(as_chat)
     logger.info("RL on %d rows of %s (left out: %s).", len(data.dataset), data.source, dict(data.bad_rows.counts))
+    heldout = None
+    if args.heldout_eval_steps > 0:
+        if task.dataset_path and task.dataset_path.endswith((".jsonl", ".json")) and not args.heldout_dataset_path:
+            raise ValueError(f"dataset_path {task.dataset_path} is one local file: set heldout_dataset_path (e.g. "
+                             "../shared/data/gsm8k_test.jsonl): the held-out evaluation must not reuse training rows.")
+        held_task = dataclasses.replace(task, dataset_path=args.heldout_dataset_path or task.dataset_path,
+                                        num_samples=None)
+        held = load_task(held_task, split="test")
+        heldout = held.dataset
+        logger.info("Held-out evaluation every %d steps on %d rows of %s.", args.heldout_eval_steps,
+                    min(args.heldout_size, len(heldout)), held.source)
     trainer = trainer_cls(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=data.dataset, processing_class=tokenizer,
-        peft_config=lora.peft_config() if lora.use_peft else None,
+        peft_config=lora.peft_config() if lora.use_peft else None, heldout_dataset=heldout,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     final = rewards.final_model_dir or f"{args.output_dir.rstrip('/')}/final"

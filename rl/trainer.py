@@ -21,6 +21,7 @@ import os
 import torch
 from trl import GRPOTrainer, RLOOTrainer
 
+from rl.advantages import dense_advantages
 from rl.logprobs import coupled_logps, mean_field_logps, trajectory_logps
 from rollout import MDLMAdapter, decode_block, layout_canvas, sample
 
@@ -33,7 +34,7 @@ class DiffusionMixin:
 
     _turn_returns_logprobs = True  # TRL's GRPO `_generate_single_turn` returns (ids, logprobs), RLOO's only ids
 
-    def _init_diffusion(self) -> None:
+    def _init_diffusion(self, heldout_dataset=None) -> None:
         model = self.accelerator.unwrap_model(self.model)
         self._adapter = MDLMAdapter.from_pretrained(model, self.processing_class)
         self._sampler = self.args.sampler_config()
@@ -41,6 +42,15 @@ class DiffusionMixin:
         self._round = 0
         self._trace: dict | None = None
         self._answers: list[str] | None = None
+        self.heldout = None
+        if heldout_dataset is not None and self.args.heldout_eval_steps > 0:
+            from rl.callbacks import HeldOutEvalCallback
+
+            rows = heldout_dataset.select(range(min(self.args.heldout_size, len(heldout_dataset))))
+            template = dataclasses.replace(self._template, chat_template=self.args.chat_prompts)
+            self.heldout = HeldOutEvalCallback(self, rows, self.args.heldout_sampler_config(),
+                                               self.args.heldout_eval_steps, template=template)
+            self.add_callback(self.heldout)
 
     def _adapter_for(self, model) -> MDLMAdapter:
         return dataclasses.replace(self._adapter, model=model)
@@ -93,11 +103,9 @@ class DiffusionMixin:
             from rewards.intrinsic import phi_token_credit
 
             credit = phi_token_credit(out.decode_step, out.phi, mode=self.args.dense_credit).to(device)  # [B, G]
-            outcome = output["advantages"].reshape(-1, 1)
-            dense = self.args.dense_coef * credit.float()
-            output["advantages"] = outcome + dense  # [B, G]
-            share = dense.abs().sum() / (dense.abs().sum() + (outcome.abs() * out.generated.to(device)).sum())
-            self._metrics[mode]["advantage/dense_share"].append(self._gather_mean(share))
+            output["advantages"], share = dense_advantages(output["advantages"], credit, out.generated.to(device),
+                                                           self.args.dense_coef)
+            self._metrics[mode]["advantage/dense_share"].append(self._gather_mean(torch.tensor([share])))
         self._log_rollout(out, mode)
         return output
 
@@ -166,9 +174,9 @@ class DiffusionMixin:
 class DiffusionGRPOTrainer(DiffusionMixin, GRPOTrainer):
     """`trl.GRPOTrainer` generating with the diffusion sampler; config: `rl.config.DiffusionGRPOConfig`."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, heldout_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_diffusion()
+        self._init_diffusion(heldout_dataset)
 
 
 class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
@@ -181,9 +189,9 @@ class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
 
     _turn_returns_logprobs = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, heldout_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_diffusion()
+        self._init_diffusion(heldout_dataset)
 
     def _generate_and_score_completions(self, inputs):
         self._old_per_token = None

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from rl.evaluate import EvalConfig, evaluate, extract_answer, is_correct, row_seed
+from rl.evaluate import EvalConfig, check_answers, evaluate, row_seed
 from rl.models import ModelConfig, ScratchModelConfig, build_scratch_model, load_for_inference
 from rl.tasks import TaskConfig, load_task
 from rl.tokenizer import build_tokenizer
@@ -20,12 +20,10 @@ TASK = TaskConfig(test_size=7, min_ops=1, max_ops=2)
 TEMPLATE = TemplateConfig(reasoning_length=16, answer_length=3)
 
 
-def test_answer_checking():
-    assert is_correct("12", "12") and is_correct(" 12.", "12") and is_correct("1,200", "1200")
-    assert is_correct("$18.00 dollars", "18") and is_correct("18.0", "18")
-    assert not is_correct("1 2", "12") and not is_correct("", "12") and not is_correct("13", "12")
-    assert is_correct("\\frac{1}{2}", "\\frac {1}{2}") and not is_correct("1/2", "\\frac{1}{2}")
-    assert extract_answer("about 7 apples") == "7"
+def test_answer_checking_is_the_math_reward():
+    golds = ["12", "12", "1200", "18", "12", "12", "#### 7", "\\frac{1}{2}", "\\frac{1}{2}"]
+    answers = ["12", " 12.", "1,200", "18.0", "", "13", "7 apples", "\\frac {1}{2}", "0.25"]
+    assert check_answers(golds, answers) == [True, True, True, True, False, False, True, True, False]
     assert row_seed(0, 1) != row_seed(1, 0)
 
 

@@ -64,13 +64,46 @@ def test_bad_values_fail_in_post_init(tmp_path):
         parse([TaskConfig], [_write(tmp_path, "task: gsm\n")])
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True)))
-def test_every_shipped_recipe_parses(path):
+RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True)
+                 if os.sep + "accelerate" + os.sep not in p)
+
+
+def _entry_point(path: str) -> str:
+    """Which script a recipe is for: evaluation, RL (it lists rewards) or SFT."""
     name = os.path.basename(path)
-    kind = next((k for k in ("eval", "grpo", "rloo") if name.startswith(k) or f"_{k}" in name), "sft")
-    script = _script({"eval": "evaluate"}.get(kind, kind))
-    configs = parse(script.configs(), [path] if kind == "eval" else [path, "--use_cpu", "true", "--bf16", "false"])
+    if name.startswith("eval"):
+        return "evaluate"
+    if "rewards" in load_recipe(path):
+        return "rloo" if "rloo" in name else "grpo"
+    return "sft"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[os.path.relpath(p, ROOT) for p in RECIPES])
+def test_every_shipped_recipe_parses(path):
+    kind = _entry_point(path)
+    script = _script(kind)
+    configs = parse(script.configs(), [path] if kind == "evaluate" else [path, "--use_cpu", "true", "--bf16", "false"])
     assert len(configs) == len(script.configs())
+
+
+def test_rl_recipes_are_found_and_the_8b_ones_match_the_paper_setting():
+    kinds = {os.path.relpath(p, ROOT): _entry_point(p) for p in RECIPES}
+    assert {"recipes/gsm8k.yaml", "recipes/math.yaml", "recipes/gsm8k_dream.yaml", "recipes/tiny/grpo.yaml"} <= {
+        p for p, k in kinds.items() if k == "grpo"}
+    for name in ("gsm8k.yaml", "math.yaml", "gsm8k_dream.yaml"):
+        r = load_recipe(os.path.join(ROOT, "recipes", name))
+        assert (r["use_peft"], r["lora_r"], r["lora_alpha"], r["policy"], r["med_lambda"]) == (True, 128, 64, "med", 0.2)
+        assert r["exit_gamma"] > 0 and r["dense_coef"] > 0 and r["trust_remote_code"] is True
+
+
+@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(os.path.join(ROOT, "recipes", "accelerate", f"{name}.yaml"))
+    assert config.distributed_type.value == kind
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
 
 
 def test_tiny_eval_recipes_match_their_sft_recipes():

@@ -11,19 +11,26 @@ from rl.tasks import TASKS, TaskConfig, load_task, normalize_number
 from rl.tasks.arithmetic import Difficulty, generate, in_test_share, make_problem
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+START = re.compile(r"^Start with (\d+)\.")
+STEP = re.compile(r"(Add|Subtract|Multiply by|Divide by) (\d+) to get (\d+)\.")
+OPS = {"Add": "+", "Subtract": "-", "Multiply by": "*", "Divide by": "/"}
 
 
 def _check_chain(row: dict) -> list[tuple]:
-    """Every equation of the reasoning is right, each starts from the previous result, the last is the answer."""
-    eqs = [(int(a), op, int(b), int(c)) for a, op, b, c in EQUATION.findall(row["reasoning"])]
-    assert eqs, row
-    for i, (a, op, b, c) in enumerate(eqs):
+    """Every step of the reasoning is right and starts from the previous value; the last value is the answer.
+
+    Returns the chain as equations (a, op, b, c)."""
+    a = int(START.match(row["reasoning"]).group(1))
+    eqs = []
+    for word, b, c in STEP.findall(row["reasoning"]):
+        op, b, c = OPS[word], int(b), int(c)
         assert c == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op], row
         if op == "/":
             assert a % b == 0
-        if i:
-            assert a == eqs[i - 1][3], row
+        eqs.append((a, op, b, c))
+        a = c
+    assert eqs, row
+    assert len(row["reasoning"].split(".")) == len(eqs) + 2  # nothing else in the reasoning
     assert str(eqs[-1][3]) == row["answer"]
     return eqs
 
@@ -80,7 +87,7 @@ def test_load_task_arithmetic_dataset_columns():
 
 
 def test_unknown_task_lists_valid_names():
-    with pytest.raises(ValueError, match="valid tasks: arithmetic, gsm8k, math500"):
+    with pytest.raises(ValueError, match="valid tasks: arithmetic, gsm8k, math, math500"):
         TaskConfig(task="gsm9k")
     assert {"arithmetic", "gsm8k", "math500"} <= set(TASKS)
 
@@ -114,10 +121,12 @@ def test_math500_local_jsonl_and_bad_rows(tmp_path):
         {"problem": "P1", "solution": "So \\boxed{\\frac{1}{2}}.", "answer": "\\frac{1}{2}"},
         {"problem": "P2", "solution": "...", "answer": ""},
         {"problem": "P3", "solution": "..."},
+        {"problem": "P4", "solution": "Hence \\boxed{7}."},  # full-MATH copies: the answer is the last box
     ]
     data = load_task(TaskConfig(task="math500", dataset_path=_jsonl(tmp_path / "m.jsonl", rows)))
     assert data.dataset[0] == {"prompt": "P1", "answer": "\\frac{1}{2}", "reasoning": "So \\boxed{\\frac{1}{2}}."}
     assert data.bad_rows.counts == {"missing answer": 2}
+    assert data.dataset[1]["answer"] == "7"
 
 
 def test_all_rows_bad_is_an_error(tmp_path):

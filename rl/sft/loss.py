@@ -21,6 +21,11 @@ import torch.nn.functional as F
 def sample_noise(maskable: torch.Tensor, eps: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw t ~ U(eps, 1) per row and mask each maskable position with probability t.
 
+    The B noise levels of a batch are stratified (low-discrepancy, as in Sahoo et al. 2024): one uniform offset u,
+    t_b = eps + (1 - eps) * (b + u) / B, then shuffled over rows. Each t_b is still marginally U(eps, 1), so the
+    loss keeps its expectation, but a batch always covers the whole noise range, which lowers the variance of
+    the 1/t-weighted loss.
+
     Args:
         maskable: [B, G] bool, positions that may be masked (the response blocks).
         eps: smallest noise level, in (0, 1).
@@ -31,7 +36,8 @@ def sample_noise(maskable: torch.Tensor, eps: float, generator: torch.Generator)
     if not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps}.")
     B, G = maskable.shape
-    t = eps + (1 - eps) * torch.rand(B, generator=generator)  # [B]
+    strata = (torch.arange(B) + torch.rand(1, generator=generator)) / B  # [B], one point per stratum
+    t = eps + (1 - eps) * strata[torch.randperm(B, generator=generator)]  # [B]
     u = torch.rand(B, G, generator=generator)  # [B, G]
     masked = (u < t[:, None]).to(maskable.device) & maskable
     return masked, t.to(maskable.device)

@@ -5,7 +5,8 @@
     >>> data.dataset.column_names
     ['prompt', 'answer', 'reasoning']
 
-`gsm8k` and `math500` read a hub dataset or a local jsonl (`dataset_path: ../shared/data/gsm8k_test.jsonl`).
+`gsm8k`, `math` (full MATH train/test) and `math500` read a hub dataset or a local jsonl
+(`dataset_path: ../shared/data/gsm8k_test.jsonl`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ __all__ = ["TASKS", "BadRows", "TaskConfig", "TaskData", "load_task", "normalize
 class TaskConfig:
     """Which task and which rows. Field names are recipe keys."""
 
-    task: str = field(default="arithmetic", metadata={"help": "Task name: arithmetic, gsm8k or math500."})
+    task: str = field(default="arithmetic", metadata={"help": "Task name: arithmetic, gsm8k, math or math500."})
     dataset_path: str | None = field(
         default=None,
         metadata={"help": "Hub dataset name or local .jsonl for gsm8k/math500 (None: the task's hub default)."},
@@ -92,6 +93,7 @@ TASKS: dict[str, Loader] = {
     "arithmetic": _arithmetic,
     "gsm8k": _from_rows(gsm8k_rows, "openai/gsm8k", "main"),
     "math500": _from_rows(math500_rows, "HuggingFaceH4/MATH-500", None),
+    "math": _from_rows(math500_rows, "DigitalLearningGmbH/MATH-lighteval", None),  # full MATH, train + test
 }
 
 

@@ -2,11 +2,17 @@
 
 Every problem is a chain: a starting quantity, then `steps` events, each applying one operation (+, -, *, /) with
 one operand to the running value. Four story templates (an inventory, a chain of people compared with each
-other, a bakery, a purse) phrase the same chain differently; the gold reasoning writes one equation per event::
+other, a bakery, a purse) phrase the same chain differently; the gold reasoning is one short sentence per event,
+in order, each giving the running value::
 
     prompt:    Mia has 7 shells. Mia finds 5 more shells. Mia gives 3 shells to Leo. How many shells does Mia have now?
-    reasoning: Mia starts with 7. Finding 5 more, 7 + 5 = 12. Giving 3 to Leo, 12 - 3 = 9. So Mia has 9 shells.
+    reasoning: Start with 7. Add 5 to get 12. Subtract 3 to get 9.
     answer:    9
+
+Why this form: every intermediate value appears once. In the equation form (`7 + 5 = 12. 12 - 3 = 9.`) each
+result is repeated as the next operand, so a masked-diffusion model sees a masked result next to a visible copy
+most of the time and learns to copy instead of to compute; with one mention per value, a masked result can only
+be computed (except the last one, which the answer block also holds). The terse wording keeps the canvas short.
 
 Difficulty knobs: the number of steps, the operand range, the largest multiplier/divisor and the largest value
 any intermediate result may take. Splits are disjoint by construction: a problem's *signature* (its numbers and
@@ -25,21 +31,23 @@ from dataclasses import dataclass
 TEST_SHARE = 0.1
 """Fraction of the signature space reserved for the test split."""
 
+STEP_WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by", "/": "Divide by"}
+"""How the reasoning names each operation: 'Add 5 to get 12.'"""
+
 NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Lily", "Ben", "Emma", "Noah", "Ella", "Jack", "Nora", "Owen")
 
 
 @dataclass(frozen=True)
 class Template:
-    """How one story phrases a chain. Placeholders: {name}, {other}, {x}, {item}, {v} and per-step {n0}/{n1}."""
+    """How one story phrases a chain. Placeholders: {name}, {other}, {x}, {item}, {v}, and {n0}/{n1} (the previous
+    and the next person) in stories that name a new person at every step."""
 
     name: str
     items: tuple[str, ...]
     start: str
-    start_reasoning: str
-    events: dict[str, tuple[tuple[str, str], ...]]  # op -> variants of (sentence, reasoning lead)
+    events: dict[str, tuple[str, ...]]  # op -> sentence variants
     question: str
-    conclusion: str
-    new_person_per_step: bool = False  # the 'relations' story names a new person at every step
+    new_person_per_step: bool = False
 
 
 TEMPLATES = (
@@ -47,67 +55,49 @@ TEMPLATES = (
         name="inventory",
         items=("apples", "marbles", "stickers", "shells", "cards", "stamps"),
         start="{name} has {v} {item}.",
-        start_reasoning="{name} starts with {v}.",
         events={
-            "+": (("{name} buys {x} more {item}.", "Buying {x} more,"),
-                  ("{name} finds {x} more {item}.", "Finding {x} more,"),
-                  ("{other} gives {name} {x} {item}.", "Getting {x} from {other},")),
-            "-": (("{name} gives {x} {item} to {other}.", "Giving {x} to {other},"),
-                  ("{name} loses {x} {item}.", "Losing {x},"),
-                  ("{name} sells {x} {item}.", "Selling {x},")),
-            "*": (("Then {name} has {x} times as many {item}.", "{x} times as many,"),),
-            "/": (("{name} splits the {item} into {x} equal piles and keeps one pile.", "Keeping one of {x} piles,"),),
+            "+": ("{name} buys {x} more {item}.", "{name} finds {x} more {item}.", "{other} gives {name} {x} {item}."),
+            "-": ("{name} gives {x} {item} to {other}.", "{name} loses {x} {item}.", "{name} sells {x} {item}."),
+            "*": ("Then {name} has {x} times as many {item}.",),
+            "/": ("{name} splits the {item} into {x} equal piles and keeps one pile.",),
         },
         question="How many {item} does {name} have now?",
-        conclusion="So {name} has {v} {item}.",
     ),
     Template(
         name="relations",
         items=("coins", "books", "pencils", "stickers", "marbles"),
         start="{n0} has {v} {item}.",
-        start_reasoning="{n0} has {v}.",
         events={
-            "+": (("{n1} has {x} more {item} than {n0}.", "{n1} has"),),
-            "-": (("{n1} has {x} fewer {item} than {n0}.", "{n1} has"),),
-            "*": (("{n1} has {x} times as many {item} as {n0}.", "{n1} has"),),
+            "+": ("{n1} has {x} more {item} than {n0}.",),
+            "-": ("{n1} has {x} fewer {item} than {n0}.",),
+            "*": ("{n1} has {x} times as many {item} as {n0}.",),
         },
         question="How many {item} does {name} have?",
-        conclusion="So {name} has {v} {item}.",
         new_person_per_step=True,
     ),
     Template(
         name="bakery",
         items=("cakes", "cookies", "pies", "muffins", "buns"),
         start="A baker makes {v} {item} in the morning.",
-        start_reasoning="The baker starts with {v}.",
         events={
-            "+": (("She bakes {x} more {item}.", "Baking {x} more,"),
-                  ("A helper brings {x} more {item}.", "Adding {x},")),
-            "-": (("She sells {x} {item}.", "Selling {x},"),
-                  ("She drops {x} {item}.", "Dropping {x},")),
-            "*": (("By noon she has {x} times as many {item}.", "{x} times as many,"),),
-            "/": (("She shares the {item} equally among {x} shops and keeps one share.",
-                   "Keeping one of {x} shares,"),),
+            "+": ("She bakes {x} more {item}.", "A helper brings {x} more {item}."),
+            "-": ("She sells {x} {item}.", "She drops {x} {item}."),
+            "*": ("By noon she has {x} times as many {item}.",),
+            "/": ("She shares the {item} equally among {x} shops and keeps one share.",),
         },
         question="How many {item} does the baker have now?",
-        conclusion="So the baker has {v} {item}.",
     ),
     Template(
         name="purse",
         items=("dollars",),
         start="{name} has {v} dollars.",
-        start_reasoning="{name} starts with {v}.",
         events={
-            "+": (("{name} earns {x} dollars.", "Earning {x},"),
-                  ("{other} gives {name} {x} dollars.", "Getting {x} from {other},")),
-            "-": (("{name} spends {x} dollars on a book.", "Spending {x},"),
-                  ("{name} pays {x} dollars for lunch.", "Paying {x},")),
-            "*": (("Then {name} has {x} times as much money.", "{x} times as much,"),),
-            "/": (("{name} shares the money equally among {x} people and keeps one share.",
-                   "Keeping one of {x} shares,"),),
+            "+": ("{name} earns {x} dollars.", "{other} gives {name} {x} dollars."),
+            "-": ("{name} spends {x} dollars on a book.", "{name} pays {x} dollars for lunch."),
+            "*": ("Then {name} has {x} times as much money.",),
+            "/": ("{name} shares the money equally among {x} people and keeps one share.",),
         },
         question="How many dollars does {name} have now?",
-        conclusion="So {name} has {v} dollars.",
     ),
 )
 
@@ -168,26 +158,22 @@ def make_problem(rng: random.Random, d: Difficulty) -> tuple[dict[str, str], tup
     name, other = people[0], people[1]
     v = rng.randint(2, d.max_operand)
     fmt = {"name": name, "other": other, "item": item, "v": v, "n0": name}
-    prompt, reasoning = [tpl.start.format(**fmt)], [tpl.start_reasoning.format(**fmt)]
+    prompt, reasoning = [tpl.start.format(**fmt)], [f"Start with {v}."]
     signature: list = [v]
     for i in range(steps):
-        ops = _feasible_ops(v, tuple(tpl.events), d)
-        op = rng.choice(ops)
+        op = rng.choice(_feasible_ops(v, tuple(tpl.events), d))
         x = _operand(rng, op, v, d)
-        sentence, lead = rng.choice(tpl.events[op])
         if tpl.new_person_per_step:
             fmt.update(n0=people[i], n1=people[i + 1])
-        new_v = _apply(op, v, x)
         fmt["x"] = x
-        prompt.append(sentence.format(**fmt))
-        reasoning.append(f"{lead.format(**fmt)} {v} {op} {x} = {new_v}.")
+        prompt.append(rng.choice(tpl.events[op]).format(**fmt))
+        new_v = _apply(op, v, x)
+        reasoning.append(f"{STEP_WORDS[op]} {x} to get {new_v}.")
         signature += [op, x]
         v = new_v
     if tpl.new_person_per_step:
         fmt["name"] = people[steps]
-    fmt["v"] = v
     prompt.append(tpl.question.format(**fmt))
-    reasoning.append(tpl.conclusion.format(**fmt))
     row = {"prompt": " ".join(prompt), "answer": str(v), "reasoning": " ".join(reasoning)}
     return row, tuple(signature)
 

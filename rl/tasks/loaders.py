@@ -82,13 +82,18 @@ def gsm8k_rows(rows: Iterable[dict], bad: BadRows) -> list[dict[str, str]]:
 
 
 def math500_rows(rows: Iterable[dict], bad: BadRows) -> list[dict[str, str]]:
-    """MATH-500: `answer` is the reference answer (LaTeX allowed); the reasoning is the full solution."""
+    """MATH (MATH-500 or the full MATH train/test): `answer` is the reference answer (LaTeX allowed), or, for
+    copies without an `answer` column, the last `\\boxed{}` of the solution; the reasoning is the full solution."""
+    from rewards.math_answer import last_boxed
+
     out = []
     for i, row in enumerate(rows):
         problem, answer = row.get("problem"), row.get("answer")
         if not problem:
             bad.add("missing problem", i, row)
             continue
+        if answer is None and row.get("solution"):
+            answer = last_boxed(row["solution"])
         if answer is None or not str(answer).strip():
             bad.add("missing answer", i, row)
             continue

@@ -1,0 +1,86 @@
+"""Checkpoint evaluation hook: held-out accuracy and NFE every N steps, with a chosen sampler.
+
+`HeldOutEvalCallback` runs `rl.evaluate.evaluate` (the same sampler, canvas and answer checking as
+`scripts/evaluate.py`) on a fixed held-out set at the start of training, every `every` optimizer steps and at
+the end. Each process evaluates its own contiguous shard; totals are summed across processes, so the figure is
+the same for any number of processes. It logs `eval/accuracy`, `eval/nfe` and `eval/exit_rate` through the
+trainer's log (console, log_history, report_to) and writes each evaluation's samples to
+`<output_dir>/heldout/step<N>.jsonl` (per rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+
+class HeldOutEvalCallback(TrainerCallback):
+    """Evaluate the policy on `dataset` (columns prompt, answer) every `every` steps (and before/after training).
+
+    Args:
+        trainer: the diffusion trainer (its model, processing class, template and accelerator are used).
+        dataset: held-out rows.
+        sampler: `rollout.SamplerConfig` of the evaluation (typically greedy).
+        every: steps between evaluations (> 0).
+        template: canvas of the evaluation (None: the trainer's rollout canvas).
+        batch_size: rows per sampler call.
+    """
+
+    def __init__(self, trainer, dataset, sampler, every: int, template=None, batch_size: int = 64):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}.")
+        if len(dataset) == 0:
+            raise ValueError("The held-out evaluation set is empty.")
+        self.trainer, self.dataset, self.sampler = trainer, dataset, sampler
+        self.every, self.batch_size = every, batch_size
+        self.template = template
+        self.history: list[dict] = []
+        self._done: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.run(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self.run(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.run(state.global_step)
+
+    @torch.no_grad()
+    def run(self, step: int) -> dict | None:
+        """Evaluate now (once per step); returns the logged metrics."""
+        if step in self._done:
+            return None
+        self._done.add(step)
+        from trl.models import unwrap_model_for_generation
+
+        from rl.evaluate import EvalConfig, evaluate
+
+        trainer = self.trainer
+        acc = trainer.accelerator
+        shard = self.dataset.shard(num_shards=acc.num_processes, index=acc.process_index, contiguous=True)
+        path = os.path.join(trainer.args.output_dir, "heldout", f"step{step:06d}_rank{acc.process_index}.jsonl")
+        with unwrap_model_for_generation(trainer.model_wrapped, acc) as model:
+            was_training = model.training
+            model.eval()
+            summary = evaluate(trainer._adapter_for(model), trainer.processing_class, shard,
+                               self.template or trainer._template,
+                               self.sampler, EvalConfig(batch_size=self.batch_size), path, progress=False)
+            model.train(was_training)
+        n = summary["n"]
+        local = torch.tensor([summary["accuracy"] * n, summary["mean_nfe"] * n, summary["exit_rate"] * n, n],
+                             dtype=torch.float64, device=acc.device)
+        total = acc.reduce(local, reduction="sum").cpu()
+        metrics = {"eval/accuracy": float(total[0] / total[3]), "eval/nfe": float(total[1] / total[3]),
+                   "eval/exit_rate": float(total[2] / total[3])}
+        self.history.append({"step": step, **metrics, "n": int(total[3])})
+        if acc.is_main_process:
+            logger.info("Held-out eval at step %d on %d rows: %s", step, int(total[3]), metrics)
+        Trainer.log(trainer, dict(metrics))  # the base log: TRL's own flushes its rollout metrics
+        return metrics
