@@ -31,6 +31,9 @@ class DiffusionArgs:
     block_length: int | None = field(default=None, metadata={"help": "Semi-AR block length over the reasoning "
                                                                      "block (must divide reasoning_length)."})
     exit_gamma: float | None = field(default=None, metadata={"help": "Early exit when H_UB < exit_gamma (nats)."})
+    prune_phi: float | None = field(default=None, metadata={
+        "help": "Prune a rollout once phi(t) < prune_phi (nats, < 0): the gold answer has become nearly impossible, "
+                "so the row is confidently wrong; it commits its answer at once (scored as usual). None: off."})
     # Canvas (see rollout.TemplateConfig).
     layout: str = field(default="infill", metadata={"help": "infill (reasoning + answer blocks) or plain."})
     reasoning_length: int = field(default=128, metadata={"help": "R: masked reasoning positions."})
@@ -91,7 +94,7 @@ class DiffusionArgs:
     def heldout_sampler_config(self) -> SamplerConfig:
         """The held-out evaluation sampler: the rollout sampler with `heldout_policy` and `heldout_temperature`."""
         return dataclasses.replace(self.sampler_config(), policy=self.heldout_policy or self.policy,
-                                   temperature=self.heldout_temperature)
+                                   temperature=self.heldout_temperature, prune_phi=None)  # no gold-answer peeking
 
     def template_config(self) -> TemplateConfig:
         names = {f.name for f in dataclasses.fields(TemplateConfig)} - {"chat_template", "max_prompt_length"}

@@ -71,6 +71,8 @@ def evaluate(adapter: MDLMAdapter, tokenizer, dataset, template: TemplateConfig,
     """Sample every row of `dataset` (columns prompt, answer), write JSONL records, return the summary."""
     from tqdm.auto import tqdm
 
+    if sampler.prune_phi is not None:
+        raise ValueError("prune_phi reads the gold answer: it is for training rollouts, not for evaluation.")
     n = len(dataset)
     infill = template.layout == "infill"
     totals = {"correct": 0, "nfe": 0, "exited": 0, "tokens": 0, "row_forwards": 0, "answers_truncated": 0}

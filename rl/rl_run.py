@@ -22,6 +22,9 @@ class PolicyModelArgs:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local dir of the policy."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (None: the model's)."})
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+    cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process when training on CPU (0: the "
+                                                          "machine's cores shared by the local processes; accelerate "
+                                                          "launch otherwise sets 1)."})
 
 
 @dataclass
@@ -33,6 +36,23 @@ class RewardArgs:
     final_model_dir: str | None = field(default=None, metadata={"help": "Final model dir (default output_dir/final)."})
 
 
+def set_cpu_threads(requested: int, use_cpu: bool) -> None:
+    """On CPU, use `requested` torch threads (0: cores / local processes). `accelerate launch` exports
+    OMP_NUM_THREADS=1 unless told otherwise, which leaves all but one core idle in a one-process CPU run."""
+    import os
+
+    import torch
+
+    if requested < 0:
+        raise ValueError(f"cpu_threads must be >= 0, got {requested}.")
+    if not use_cpu and torch.cuda.is_available():
+        return
+    threads = requested or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads != torch.get_num_threads():
+        logger.info("Using %d torch CPU threads per process (was %d).", threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+
+
 def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: LoraArguments, rewards: RewardArgs,
            args) -> str:
     """Train `trainer_cls` (Diffusion{GRPO,RLOO}Trainer) and write the final model; returns its path."""
@@ -40,6 +60,7 @@ def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: Lora
 
     if not model_cfg.model_name_or_path:
         raise ValueError("Set model_name_or_path (a hub id or a local dir, e.g. outputs/tiny/sft/final).")
+    set_cpu_threads(model_cfg.cpu_threads, args.use_cpu)
     reward_funcs = get_rewards(rewards.rewards)  # unknown names fail here, before any model is loaded
     path = model_cfg.model_name_or_path
     tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path or path, args.trust_remote_code)

@@ -119,9 +119,15 @@ class DiffusionMixin:
         m = self._metrics[mode]
         m["rollout/nfe"].append(self._gather_mean(out.nfe.float()))
         m["rollout/exit_rate"].append(self._gather_mean(out.exited.float()))
+        if out.pruned is not None and self._sampler.prune_phi is not None:
+            m["rollout/prune_rate"].append(self._gather_mean(out.pruned.float()))
         m["rollout/tokens_per_nfe"].append(self._gather_mean(out.generated.sum(-1).float() / out.nfe.clamp(min=1)))
         if out.phi is not None:
             m["reward/phi_T"].append(self._gather_mean(out.phi_final))
+        rewards = getattr(self, "_last_rewards", None)  # [B_global, F] per reward function, gathered by TRL
+        if rewards is not None:
+            weights = self.reward_weights.to(rewards.device, rewards.dtype)
+            m["reward/outcome"].append(float((rewards * weights).nansum(-1).mean()))
         truncated = float(self._canvas_report.get("answers_truncated", 0))
         m["data/answers_truncated"].append(self._gather_mean(torch.tensor([truncated])))
         if self.args.rollout_log_dir == "" or mode != "train":
@@ -129,7 +135,6 @@ class DiffusionMixin:
         folder = self.args.rollout_log_dir or os.path.join(self.args.output_dir, "rollouts")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step{self.state.global_step:06d}_rank{self.accelerator.process_index}.jsonl")
-        rewards = getattr(self, "_last_rewards", None)
         B, rank = len(out.nfe), self.accelerator.process_index
         local = rewards[rank * B : (rank + 1) * B].tolist() if rewards is not None else [None] * B
         texts = self._answer_texts()

@@ -5,7 +5,9 @@ the unmasking scores of every masked position (T=1 distribution), the answer blo
 and, given gold answers, the potential phi(t) = sum_j log p_t(a_j = a*_j). Then:
 
 1. Early exit: a row whose answer block is still fully masked and has H_UB(t) < exit_gamma fills the whole
-   answer block at this step; reasoning positions never decoded stay masked ("not generated").
+   answer block at this step; reasoning positions never decoded stay masked ("not generated"). Pruning (training
+   rollouts, gold answers known): a row with phi(t) < prune_phi - the gold answer has become nearly impossible,
+   the row is confidently wrong - stops the same way, so no more forwards are spent on it.
 2. Otherwise the policy picks positions inside the row's current block. Reasoning positions are decoded in
    semi-autoregressive blocks of `block_length` (None: the whole reasoning block, any order); the answer block
    is decoded last, so H_UB and phi are defined at every reasoning step.
@@ -42,6 +44,8 @@ class SamplerConfig(PolicyConfig):
     """Sampling temperature; 0 is greedy. Scores, H_UB and phi always use T = 1."""
     exit_gamma: float | None = None
     """Early exit when the answer block's entropy sum H_UB < exit_gamma (nats). None disables it."""
+    prune_phi: float | None = None
+    """Stop a row (commit its answer block now) once phi(t) < prune_phi (nats, < 0); needs gold answers."""
     seed: int = 0
     """Base seed: row i of a batch uses seed + i unless explicit per-row seeds are passed."""
 
@@ -53,6 +57,8 @@ class SamplerConfig(PolicyConfig):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
         if self.exit_gamma is not None and not self.exit_gamma > 0:
             raise ValueError(f"exit_gamma must be > 0 (an entropy in nats) or None, got {self.exit_gamma}.")
+        if self.prune_phi is not None and not self.prune_phi < 0:
+            raise ValueError(f"prune_phi must be < 0 (a log-likelihood in nats) or None, got {self.prune_phi}.")
 
 
 @dataclass
@@ -66,7 +72,8 @@ class SampleOutput:
         decode_step: [B, G] step at which each position was decoded; -1 = never (prefilled or not generated).
         token_logprob: [B, G] log-prob of each decoded token under the distribution it was drawn from (0 elsewhere).
         nfe: [B] forward passes the row took part in.
-        exit_step: [B] step of the early exit, -1 if the row did not exit.
+        exit_step: [B] step of the early exit (or prune), -1 if the row did not stop early.
+        pruned: [B] True for rows stopped by phi pruning (a subset of the rows with exit_step >= 0).
         h_ub: [B, S] answer-block entropy sum per step (NaN once the answer block is no longer fully masked).
         phi: [B, S] gold-answer log-likelihood per step (NaN likewise), or None without gold answers.
         stats: batch accounting (forward calls, wall and forward seconds, tokens decoded).
@@ -85,6 +92,7 @@ class SampleOutput:
     h_ub: torch.Tensor
     phi: torch.Tensor | None
     stats: dict = field(default_factory=dict)
+    pruned: torch.Tensor | None = None
 
     @property
     def generation(self) -> torch.Tensor:
@@ -126,6 +134,7 @@ class SampleOutput:
         out = {
             "nfe": steps,
             "exit_step": int(self.exit_step[i]),
+            "pruned": bool(self.pruned[i]) if self.pruned is not None else False,
             "decode_step": self.decode_step[i].tolist(),
             "token_logprob": [round(x, 6) for x in self.token_logprob[i].tolist()],
             "h_ub": [None if x != x else round(x, 6) for x in self.h_ub[i, :steps].tolist()],
@@ -194,6 +203,8 @@ def sample(
     """Decode every masked position of `canvas` (or exit early) and return the tokens with their trace."""
     if config.exit_gamma is not None and canvas.answer is None:
         raise ValueError("exit_gamma needs the 'infill' layout: the 'plain' layout has no answer block to exit to.")
+    if config.prune_phi is not None and canvas.gold is None:
+        raise ValueError("prune_phi needs gold answers on the canvas (build_canvas(..., answers=...)).")
     if canvas.mask_id != adapter.mask_id:
         raise ValueError(f"Canvas built with mask id {canvas.mask_id} but the model's mask id is {adapter.mask_id}.")
     start_time, fwd_start = time.perf_counter(), adapter.forward_seconds
@@ -219,6 +230,7 @@ def sample(
     token_logprob = torch.zeros((B, G), dtype=torch.float32, device=device)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     exit_step = torch.full((B,), -1, dtype=torch.long, device=device)
+    pruned = torch.zeros(B, dtype=torch.bool, device=device)
     h_ub = torch.full((B, max_steps), float("nan"), dtype=torch.float64, device=device)
     phi = h_ub.clone() if canvas.gold is not None else None
     active = torch.nonzero(canvas.masked().any(-1)).squeeze(-1)  # rows with something to decode
@@ -241,9 +253,14 @@ def sample(
             if phi is not None:
                 logp = torch.log_softmax(logits[:, canvas.answer].double(), -1)  # [b, A, V]
                 gold = canvas.gold[active][:, :, None]
-                phi[active[fresh], t[fresh]] = logp.gather(-1, gold).squeeze(-1).sum(-1)[fresh]
+                phi_t = logp.gather(-1, gold).squeeze(-1).sum(-1)  # [b]
+                phi[active[fresh], t[fresh]] = phi_t[fresh]
             if config.exit_gamma is not None:
                 exiting = fresh & (hub < config.exit_gamma)
+            if config.prune_phi is not None:
+                pruning = fresh & ~exiting & (phi_t < config.prune_phi) & (masked & ~answer_cols).any(-1)
+                pruned[active[pruning]] = True
+                exiting = exiting | pruning
 
         # Candidates: the row's earliest block with a masked position (the answer block comes last).
         blk = torch.where(masked, block.expand_as(masked), torch.full_like(masked, G, dtype=torch.long))
@@ -276,5 +293,5 @@ def sample(
     return SampleOutput(
         sequences=ids, attention_mask=canvas.attention_mask, gen_start=g0, reasoning=canvas.reasoning,
         answer=canvas.answer, mask_id=canvas.mask_id, decode_step=decode_step, token_logprob=token_logprob,
-        nfe=nfe, exit_step=exit_step, h_ub=h_ub, phi=phi, stats=stats,
+        nfe=nfe, exit_step=exit_step, h_ub=h_ub, phi=phi, stats=stats, pruned=pruned,
     )

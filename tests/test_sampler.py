@@ -1,5 +1,6 @@
 """The batched sampler against an exact oracle, and its trace, accounting and invariances."""
 
+import dataclasses
 import itertools
 import math
 
@@ -148,6 +149,35 @@ def test_early_exit_fires_exactly_when_h_ub_drops_below_gamma():
         steps = int(out.nfe[i])
         assert torch.allclose(out.h_ub[i, :steps], base.h_ub[i, :steps], atol=1e-6, equal_nan=True)
     assert 0 < n_exit < canvas.input_ids.shape[0] + 1
+
+
+def test_phi_pruning_stops_a_row_at_its_first_step_below_the_threshold():
+    adapter, canvas = random_model_setup(batch=6, scale=3.0)
+    config = SamplerConfig(policy="left_to_right", temperature=1.0, seed=2)
+    full = sample(adapter, canvas, config)
+    R = canvas.reasoning.stop
+    threshold = float(full.phi[:, :R].nanmedian())  # some rows cross it during the reasoning, some may not
+    pruned = sample(adapter, canvas, dataclasses.replace(config, prune_phi=threshold))
+    crossed = 0
+    for i in range(6):
+        below = (full.phi[i, :R] < threshold).nonzero()
+        if not len(below):  # never below: the same row as without pruning
+            assert not pruned.pruned[i] and torch.equal(pruned.sequences[i], full.sequences[i])
+            continue
+        t = int(below[0])
+        crossed += 1
+        assert pruned.pruned[i] and pruned.exit_step[i] == t and pruned.nfe[i] == t + 1
+        # Left to right: the same tokens up to the prune step, then the whole answer block at step t.
+        early = full.decode_step[i] < t
+        assert torch.equal(pruned.decode_step[i][early], full.decode_step[i][early])
+        assert (pruned.decode_step[i][canvas.answer] == t).all()
+        assert (pruned.decode_step[i][:R] == -1).sum() == R - t
+    assert crossed >= 2
+    assert pruned.row(0)["pruned"] == bool(pruned.pruned[0])
+    with pytest.raises(ValueError, match="prune_phi must be < 0"):
+        SamplerConfig(prune_phi=0.5)
+    with pytest.raises(ValueError, match="needs gold answers"):
+        sample(adapter, random_model_setup(batch=2, gold=False)[1], SamplerConfig(prune_phi=-1.0))
 
 
 def test_shifted_twin_gives_identical_samples():

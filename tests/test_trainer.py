@@ -41,8 +41,10 @@ def test_grpo_trains_logs_metrics_and_rollouts(tmp_path, estimator):
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     logs = trainer.state.log_history[0]
-    for key in ("rollout/nfe", "rollout/exit_rate", "rollout/tokens_per_nfe", "reward/phi_T", "reward"):
+    for key in ("rollout/nfe", "rollout/exit_rate", "rollout/tokens_per_nfe", "reward/phi_T", "reward",
+                "reward/outcome"):
         assert key in logs, key
+    assert logs["reward/outcome"] == pytest.approx(logs["reward"], abs=1e-6)  # one reward function, weight 1
     rows = [json.loads(x) for x in (tmp_path / "rollouts" / "step000000_rank0.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {"decode_step", "phi", "answer_text", "rewards", "nfe"} <= set(rows[0])
 
@@ -103,3 +105,28 @@ def test_bad_diffusion_settings_are_rejected(tmp_path):
                 {"block_length": 3}, {"trajectory_buckets": 0}, {"policy": "nope"}, {"exit_gamma": -1.0}):
         with pytest.raises(ValueError):
             setup(tmp_path, **bad)
+
+
+def test_heldout_eval_callback_logs_accuracy_and_nfe_before_during_and_after(tmp_path):
+    tok = tiny_tokenizer(WORDS + ["1", "2", "3"])
+    model = tiny_model(len(tok), layers=2, hidden=32)
+    rows = [{"prompt": f"{a} plus {b} is", "answer": str(int(a) + int(b))} for a in "12" for b in "12"]
+    args = DiffusionGRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=4, num_generations=4,
+        max_steps=2, logging_steps=1, reasoning_length=4, answer_length=2, delimiter="The answer is",
+        learning_rate=1e-2, report_to=[], save_strategy="no", beta=0.0, seed=3, heldout_eval_steps=1,
+        heldout_size=3, heldout_policy="left_to_right",
+    )
+    trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args,
+                                   train_dataset=Dataset.from_list(rows * 4), processing_class=tok,
+                                   heldout_dataset=Dataset.from_list(rows))
+    trainer.train()
+    history = trainer.heldout.history
+    assert [h["step"] for h in history] == [0, 1, 2] and all(h["n"] == 3 for h in history)
+    for h in history:  # the logged accuracy is the fraction of correct samples written for that step
+        records = [json.loads(x) for x in (tmp_path / "heldout" / f"step{h['step']:06d}_rank0.jsonl").open()]
+        assert len(records) == 3 and {r["index"] for r in records} == {0, 1, 2}
+        assert h["eval/accuracy"] == sum(r["correct"] for r in records) / 3
+        assert h["eval/nfe"] == 4 + 2  # left to right: one NFE per reasoning and answer position
+    logged = [x for x in trainer.state.log_history if "eval/accuracy" in x]
+    assert len(logged) == 3 and all("eval/nfe" in x for x in logged)

@@ -1,0 +1,67 @@
+"""Multi-process runs on CPU through accelerate (gloo): the entry script, 2 processes, 2 GRPO steps (slow).
+
+`accelerate launch --cpu --num_processes 2` silently runs one process; `--multi_gpu --num_processes 2` gives real
+2-process DDP over gloo on a machine without GPUs (DESIGN.md section 7)."""
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from rl.models import ScratchModelConfig, build_scratch_model
+from rl.tasks import TaskConfig, load_task
+from rl.tokenizer import build_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = dict(test_size=8, train_size=64, min_ops=1, max_ops=1, max_operand=5, max_multiplier=2, max_result=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    rows = [*load_task(TaskConfig(**TASK), split="train").dataset, *load_task(TaskConfig(**TASK), "test").dataset]
+    tok = build_tokenizer([t for r in rows for t in (r["prompt"], r["reasoning"], r["answer"])] + ["The answer is"])
+    model = build_scratch_model(ScratchModelConfig(scratch_layers=1, scratch_hidden=32, scratch_heads=2,
+                                                   scratch_kv_heads=1, scratch_max_length=128), tok, seed=0)
+    path = tmp_path_factory.mktemp("policy")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_grpo_runs_two_steps(tmp_path, model_dir):
+    out = tmp_path / "run"
+    flags = [f"--{k}={v}" for k, v in TASK.items()] + [
+        f"--model_name_or_path={model_dir}", f"--output_dir={out}", "--max_steps=2", "--reasoning_length=8",
+        "--answer_length=2", "--delimiter=The answer is", "--per_device_train_batch_size=4", "--num_generations=4",
+        "--policy=med", "--exit_gamma=0.5", "--dense_coef=0.1", "--heldout_eval_steps=2", "--heldout_size=8",
+        "--learning_rate=1e-3", "--beta=0", "--gradient_checkpointing=false", "--logging_steps=1",
+        "--save_strategy=no", "--report_to=none", "--use_cpu=false", "--bf16=false",
+    ]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), os.path.join(ROOT, "scripts", "grpo.py"),
+           os.path.join(ROOT, "recipes", "tiny", "grpo.yaml"), *flags]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # Both ranks generated and logged their own rollouts at both steps.
+    logs = sorted(os.path.basename(p) for p in glob.glob(str(out / "rollouts" / "*.jsonl")))
+    assert logs == [f"step{s:06d}_rank{r}.jsonl" for s in (0, 1) for r in (0, 1)], logs
+    for name in logs:
+        rows = [json.loads(x) for x in (out / "rollouts" / name).open()]
+        assert len(rows) == 4 and all(r["nfe"] >= 1 for r in rows)
+    # The held-out set was split between the ranks: 4 rows each, evaluated before, at step 2 (= the end).
+    assert len([json.loads(x) for x in (out / "heldout" / "step000000_rank1.jsonl").open()]) == 4
+    assert os.path.exists(out / "final" / "model.safetensors") and os.path.exists(out / "final" / "recipe.yaml")
+    assert "eval/accuracy" in proc.stdout + proc.stderr
