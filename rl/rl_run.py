@@ -90,4 +90,8 @@ def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: Lora
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     final = rewards.final_model_dir or f"{args.output_dir.rstrip('/')}/final"
-    return save_final_model(trainer, final, {"recipe.yaml": recipe_yaml(task, model_cfg, lora, rewards, args)})
+    text = recipe_yaml(task, model_cfg, lora, rewards, args)
+    # TRL derives generation_batch_size from steps_per_generation (or the reverse) and refuses both set: keep the
+    # saved recipe reusable as a recipe by dropping the derived one.
+    text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("generation_batch_size:"))
+    return save_final_model(trainer, final, {"recipe.yaml": text})
