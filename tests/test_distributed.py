@@ -64,5 +64,7 @@ def test_two_process_ddp_grpo_runs_two_steps(tmp_path, model_dir):
         assert len(rows) == 4 and all(r["nfe"] >= 1 for r in rows)
     # The held-out set was split between the ranks: 4 rows each, evaluated before, at step 2 (= the end).
     assert len([json.loads(x) for x in (out / "heldout" / "step000000_rank1.jsonl").open()]) == 4
-    assert os.path.exists(out / "final" / "model.safetensors") and os.path.exists(out / "final" / "recipe.yaml")
+    # The tiny recipe trains LoRA: the final directory holds the adapter (on the SFT base) and the recipe.
+    assert os.path.exists(out / "final" / "adapter_model.safetensors")
+    assert os.path.exists(out / "final" / "recipe.yaml")
     assert "eval/accuracy" in proc.stdout + proc.stderr
