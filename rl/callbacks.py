@@ -27,11 +27,11 @@ class HeldOutEvalCallback(TrainerCallback):
         dataset: held-out rows.
         sampler: `rollout.SamplerConfig` of the evaluation (typically greedy).
         every: steps between evaluations (> 0).
-        template: canvas of the evaluation (None: the trainer's rollout canvas).
+        template: `rollout.TemplateConfig` of the evaluation canvas.
         batch_size: rows per sampler call.
     """
 
-    def __init__(self, trainer, dataset, sampler, every: int, template=None, batch_size: int = 64):
+    def __init__(self, trainer, dataset, sampler, every: int, template, batch_size: int = 64):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}.")
         if len(dataset) == 0:
@@ -39,8 +39,7 @@ class HeldOutEvalCallback(TrainerCallback):
         self.trainer, self.dataset, self.sampler = trainer, dataset, sampler
         self.every, self.batch_size = every, batch_size
         self.template = template
-        self.history: list[dict] = []
-        self._done: set[int] = set()
+        self.history: list[dict] = []  # one entry per evaluation, steps increasing
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.run(state.global_step)
@@ -55,9 +54,8 @@ class HeldOutEvalCallback(TrainerCallback):
     @torch.no_grad()
     def run(self, step: int) -> dict | None:
         """Evaluate now (once per step); returns the logged metrics."""
-        if step in self._done:
+        if self.history and self.history[-1]["step"] == step:  # the last step's eval already ran at on_step_end
             return None
-        self._done.add(step)
         from trl.models import unwrap_model_for_generation
 
         from rl.evaluate import EvalConfig, evaluate
@@ -69,8 +67,7 @@ class HeldOutEvalCallback(TrainerCallback):
         with unwrap_model_for_generation(trainer.model_wrapped, acc) as model:
             was_training = model.training
             model.eval()
-            summary = evaluate(trainer._adapter_for(model), trainer.processing_class, shard,
-                               self.template or trainer._template,
+            summary = evaluate(trainer._adapter_for(model), trainer.processing_class, shard, self.template,
                                self.sampler, EvalConfig(batch_size=self.batch_size), path, progress=False)
             model.train(was_training)
         n = summary["n"]

@@ -21,6 +21,7 @@ from rollout.template import TemplateConfig, build_canvas, decode_block
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class EvalConfig:
     """How to run an evaluation. Field names are recipe keys."""

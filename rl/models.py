@@ -120,6 +120,19 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, dtype: s
         return AutoModel.from_pretrained(name_or_path, **kwargs)
 
 
+def set_cpu_threads(requested: int, use_cpu: bool) -> None:
+    """On CPU, use `requested` torch threads (0: cores / local processes). `accelerate launch` exports
+    OMP_NUM_THREADS=1 unless told otherwise, which leaves all but one core idle in a one-process CPU run."""
+    if requested < 0:
+        raise ValueError(f"cpu_threads must be >= 0, got {requested}.")
+    if not use_cpu and torch.cuda.is_available():
+        return
+    threads = requested or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads != torch.get_num_threads():
+        logger.info("Using %d torch CPU threads per process (was %d).", threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+
+
 def load_for_inference(config: ModelConfig, device: str | torch.device):
     """(model, tokenizer) ready for sampling: adapters merged into the base, eval mode, on `device`."""
     if not config.model_name_or_path:

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from rl.checkpoint import save_final_model
-from rl.models import DTYPES, load_pretrained, load_tokenizer
+from rl.models import DTYPES, load_pretrained, load_tokenizer, set_cpu_threads
 from rl.recipe import recipe_yaml
 from rl.sft.config import LoraArguments
 from rl.tasks import TaskConfig, load_task
@@ -34,23 +34,6 @@ class RewardArgs:
     rewards: list[str] = field(default_factory=lambda: ["math"], metadata={"help": "Reward names or import paths "
                                                                                    "(weights: TRL's reward_weights)."})
     final_model_dir: str | None = field(default=None, metadata={"help": "Final model dir (default output_dir/final)."})
-
-
-def set_cpu_threads(requested: int, use_cpu: bool) -> None:
-    """On CPU, use `requested` torch threads (0: cores / local processes). `accelerate launch` exports
-    OMP_NUM_THREADS=1 unless told otherwise, which leaves all but one core idle in a one-process CPU run."""
-    import os
-
-    import torch
-
-    if requested < 0:
-        raise ValueError(f"cpu_threads must be >= 0, got {requested}.")
-    if not use_cpu and torch.cuda.is_available():
-        return
-    threads = requested or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if threads != torch.get_num_threads():
-        logger.info("Using %d torch CPU threads per process (was %d).", threads, torch.get_num_threads())
-        torch.set_num_threads(threads)
 
 
 def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: LoraArguments, rewards: RewardArgs,

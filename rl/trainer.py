@@ -119,7 +119,7 @@ class DiffusionMixin:
         m = self._metrics[mode]
         m["rollout/nfe"].append(self._gather_mean(out.nfe.float()))
         m["rollout/exit_rate"].append(self._gather_mean(out.exited.float()))
-        if out.pruned is not None and self._sampler.prune_phi is not None:
+        if self._sampler.prune_phi is not None:
             m["rollout/prune_rate"].append(self._gather_mean(out.pruned.float()))
         m["rollout/tokens_per_nfe"].append(self._gather_mean(out.generated.sum(-1).float() / out.nfe.clamp(min=1)))
         if out.phi is not None:

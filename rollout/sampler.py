@@ -245,6 +245,7 @@ def sample(
         stats = token_stats(logits)
         t = nfe[active]  # [b] this forward's step index per row
         exiting = torch.zeros_like(t, dtype=torch.bool)
+        reasoning_left = (masked & ~answer_cols).any(-1)  # [b]
 
         if canvas.answer is not None:
             fresh = masked[:, canvas.answer].all(-1)  # [b] answer block untouched: H_UB, phi defined
@@ -258,7 +259,7 @@ def sample(
             if config.exit_gamma is not None:
                 exiting = fresh & (hub < config.exit_gamma)
             if config.prune_phi is not None:
-                pruning = fresh & ~exiting & (phi_t < config.prune_phi) & (masked & ~answer_cols).any(-1)
+                pruning = fresh & ~exiting & (phi_t < config.prune_phi) & reasoning_left
                 pruned[active[pruning]] = True
                 exiting = exiting | pruning
 
@@ -267,7 +268,6 @@ def sample(
         current = blk.min(-1, keepdim=True).values  # [b, 1]
         candidates = masked & (blk == current)
         chosen = config.select(stats, candidates)
-        reasoning_left = (masked & ~answer_cols).any(-1)
         chosen = torch.where(exiting[:, None], masked & answer_cols, chosen)
         exit_step[active[exiting & reasoning_left]] = t[exiting & reasoning_left]
 

@@ -121,3 +121,16 @@ def oracle_canvas(batch: int, n_reasoning: int, n_answer: int = 1, prompt_lens: 
     return Canvas(ids, am, P, slice(0, n_reasoning), answer, gold_t, MASK), list(range(n_reasoning)) + list(
         range(answer.start, answer.stop)
     )
+
+
+def save_scratch_policy(path, texts, seed: int = 0) -> str:
+    """Save an untrained 1-layer bidirectional Gemma3 with a word-level tokenizer over `texts` (a policy dir)."""
+    from rl.models import ScratchModelConfig, build_scratch_model
+    from rl.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(texts)
+    model = build_scratch_model(ScratchModelConfig(scratch_layers=1, scratch_hidden=32, scratch_heads=2,
+                                                   scratch_kv_heads=1, scratch_max_length=128), tok, seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

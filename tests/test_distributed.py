@@ -12,10 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from doubles import save_scratch_policy
 
-from rl.models import ScratchModelConfig, build_scratch_model
 from rl.tasks import TaskConfig, load_task
-from rl.tokenizer import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = dict(test_size=8, train_size=64, min_ops=1, max_ops=1, max_operand=5, max_multiplier=2, max_result=10)
@@ -30,13 +29,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     rows = [*load_task(TaskConfig(**TASK), split="train").dataset, *load_task(TaskConfig(**TASK), "test").dataset]
-    tok = build_tokenizer([t for r in rows for t in (r["prompt"], r["reasoning"], r["answer"])] + ["The answer is"])
-    model = build_scratch_model(ScratchModelConfig(scratch_layers=1, scratch_hidden=32, scratch_heads=2,
-                                                   scratch_kv_heads=1, scratch_max_length=128), tok, seed=0)
-    path = tmp_path_factory.mktemp("policy")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    texts = [t for r in rows for t in (r["prompt"], r["reasoning"], r["answer"])] + ["The answer is"]
+    return save_scratch_policy(tmp_path_factory.mktemp("policy"), texts)
 
 
 @pytest.mark.slow

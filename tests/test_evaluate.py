@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from doubles import save_scratch_policy
 
 from rl.evaluate import EvalConfig, check_answers, evaluate, row_seed
-from rl.models import ModelConfig, ScratchModelConfig, build_scratch_model, load_for_inference
+from rl.models import ModelConfig, load_for_inference
 from rl.tasks import TaskConfig, load_task
-from rl.tokenizer import build_tokenizer
 from rollout import MDLMAdapter, SamplerConfig, TemplateConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,13 +31,8 @@ def test_answer_checking_is_the_math_reward():
 def model_dir(tmp_path_factory):
     """A saved, untrained tiny model with its word-level tokenizer."""
     data = load_task(TASK, split="test").dataset
-    tok = build_tokenizer([*data["prompt"], *data["reasoning"], *data["answer"], TEMPLATE.delimiter])
-    model = build_scratch_model(ScratchModelConfig(scratch_layers=1, scratch_hidden=32, scratch_heads=2,
-                                                   scratch_kv_heads=1, scratch_max_length=128), tok, seed=1)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    texts = [*data["prompt"], *data["reasoning"], *data["answer"], TEMPLATE.delimiter]
+    return save_scratch_policy(tmp_path_factory.mktemp("tiny"), texts, seed=1)
 
 
 def _records(path):

@@ -6,7 +6,14 @@ import json
 import logging
 
 from rl.checkpoint import save_final_model
-from rl.models import ModelConfig, ScratchModelConfig, build_scratch_model, load_pretrained, load_tokenizer
+from rl.models import (
+    ModelConfig,
+    ScratchModelConfig,
+    build_scratch_model,
+    load_pretrained,
+    load_tokenizer,
+    set_cpu_threads,
+)
 from rl.recipe import recipe_yaml
 from rl.sft.config import DiffusionSFTConfig, LoraArguments
 from rl.sft.data import fit_to_canvas
@@ -41,6 +48,7 @@ def run_sft(task: TaskConfig, model_cfg: ModelConfig, scratch: ScratchModelConfi
     if lora.use_peft and scratch.from_scratch:
         raise ValueError("use_peft with from_scratch would save an adapter on random, unsaved base weights; "
                          "train the scratch model fully (use_peft: false).")
+    set_cpu_threads(0, args.use_cpu)  # under `accelerate launch` on CPU, one thread per process otherwise
     data = load_task(task, split=task.split or "train")
     model, tokenizer = build_model_and_tokenizer(model_cfg, scratch, data.dataset, template, args.seed)
     probe = MDLMAdapter.from_pretrained(model, tokenizer)  # fails early and clearly without a mask token
