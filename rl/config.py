@@ -48,6 +48,9 @@ class DiffusionArgs:
     # Likelihood and advantages.
     logprob_estimator: str = field(default="trajectory", metadata={"help": "mean_field, coupled or trajectory."})
     trajectory_buckets: int = field(default=8, metadata={"help": "S: forwards of the trajectory estimator."})
+    trajectory_sample_steps: bool = field(default=False, metadata={
+        "help": "trajectory: score S decode steps drawn at random per row and round, each from its exact state "
+                "(other tokens sit out that update), instead of S contiguous buckets scored from their first state."})
     prompt_mask_prob: float = field(default=0.15, metadata={"help": "mean_field: prompt masking probability."})
     dense_coef: float = field(default=0.0, metadata={"help": "Weight of the per-token phi shaping term in the "
                                                              "advantage; 0 is outcome-only."})

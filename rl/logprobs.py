@@ -13,6 +13,10 @@ exactly on-policy (ratio 1).
 - `trajectory`: replays the sampler's own states. The row's decode steps are cut into S contiguous buckets; each
   bucket's tokens are scored from the state at the bucket's first step. S >= the row's NFE reproduces the
   sampler's own log-probs exactly.
+- `trajectory` with sampled steps (`trajectory_steps`): S of the row's decode steps drawn at random (seeded per
+  row and round); each drawn step's tokens are scored from that step's exact state and the other tokens are left
+  out of the loss. Every scored token sees the context it was sampled in (buckets score later tokens of a bucket
+  from an earlier, more-masked state), at the cost of scoring a random S/NFE share of the tokens per update.
 
 `logits_fn(input_ids, attention_mask, keep_last)` is `MDLMAdapter.logits` (mask logit -inf, shift handled).
 """
@@ -33,6 +37,16 @@ def _row_bernoulli(seeds: torch.Tensor, shape: tuple[int, int], p: float, device
     for i, s in enumerate(seeds.tolist()):  # RNG only: one stream per row
         out[i].uniform_(generator=torch.Generator().manual_seed(int(s)))
     return (out < p).to(device)
+
+
+def trajectory_steps(seeds: torch.Tensor, nfe: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, count] decode steps drawn without replacement from each row's range(nfe) (sorted; -1 pads rows with
+    fewer steps than `count`). Row i depends only on (seeds[i], nfe[i])."""
+    out = torch.full((len(nfe), count), -1, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(seeds.tolist(), nfe.tolist())):  # RNG only: one stream per row
+        picked = torch.randperm(int(n), generator=torch.Generator().manual_seed(int(s)))[:count]
+        out[i, : len(picked)] = picked.sort().values
+    return out.to(nfe.device)
 
 
 def _score(logits_fn: LogitsFn, input_ids, attention_mask, gen_len: int, targets, temperature: float):
@@ -100,6 +114,7 @@ def trajectory_logps(
     mask_id: int,
     buckets: int,
     temperature: float = 1.0,
+    steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Replay of the sampler's states in `buckets` forwards.
 
@@ -108,6 +123,8 @@ def trajectory_logps(
         decode_step: [B, G] step each position was decoded at (-1: not decoded by the sampler).
         nfe: [B] the row's number of steps.
         buckets: S; bucket b of row i covers steps [floor(b n_i / S), floor((b+1) n_i / S)).
+        steps: optional [B, S'] decode steps (`trajectory_steps`, -1 = none): then forward b scores exactly the
+            tokens decoded at steps[:, b], from the state at that step, and `buckets` is ignored.
     Returns:
         [B, G] log-probs of decoded tokens and [B, G] entropies (0 elsewhere).
     """
@@ -118,8 +135,12 @@ def trajectory_logps(
     generated = decode_step >= 0
     out = ent_out = torch.zeros(generated.shape, dtype=torch.float32, device=generated.device)
     n = nfe.to(decode_step.device)[:, None]  # [B, 1]
-    for b in range(buckets):
-        lo, hi = (b * n) // buckets, ((b + 1) * n) // buckets  # [B, 1] step range of this bucket
+    for b in range(buckets if steps is None else steps.shape[1]):
+        if steps is None:
+            lo, hi = (b * n) // buckets, ((b + 1) * n) // buckets  # [B, 1] step range of this bucket
+        else:
+            lo = steps[:, b : b + 1].to(decode_step.device)
+            lo, hi = torch.where(lo < 0, n, lo), torch.where(lo < 0, n, lo + 1)  # -1: nothing scored
         scored = generated & (decode_step >= lo) & (decode_step < hi)
         if not scored.any():
             continue

@@ -22,11 +22,11 @@ import torch
 from trl import GRPOTrainer, RLOOTrainer
 
 from rl.advantages import dense_advantages
-from rl.logprobs import coupled_logps, mean_field_logps, trajectory_logps
+from rl.logprobs import coupled_logps, mean_field_logps, trajectory_logps, trajectory_steps
 from rollout import MDLMAdapter, decode_block, layout_canvas, sample
 
 logger = logging.getLogger(__name__)
-TRACE_KEYS = ("decode_step", "nfe", "mask_seed")
+TRACE_KEYS = ("decode_step", "nfe", "mask_seed", "score_steps")
 
 
 class DiffusionMixin:
@@ -74,15 +74,20 @@ class DiffusionMixin:
             model.train(was_training)
         self._rollout, self._canvas_report = out, canvas.report
         self._trace = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": seeds.to(out.nfe.device)}
+        if self.args.logprob_estimator == "trajectory" and self.args.trajectory_sample_steps:
+            self._trace["score_steps"] = trajectory_steps(seeds, out.nfe, self.args.trajectory_buckets)
         completion_ids = out.generation.tolist()
         return (completion_ids, out.token_logprob.tolist()) if self._turn_returns_logprobs else completion_ids
 
-    def _answer_texts(self) -> list[str]:
+    def _block_texts(self, block) -> list[str]:
         out = self._rollout
-        if out.answer is None:
+        if block is None:
             return [""] * len(out.nfe)
         stops = self._adapter.eos_ids
-        return [decode_block(self.processing_class, row, stops, out.mask_id) for row in out.generation[:, out.answer]]
+        return [decode_block(self.processing_class, row, stops, out.mask_id) for row in out.generation[:, block]]
+
+    def _answer_texts(self) -> list[str]:
+        return self._block_texts(self._rollout.answer)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         for x, text in zip(inputs, self._answer_texts(), strict=True):
@@ -93,10 +98,18 @@ class DiffusionMixin:
 
     def _generate_and_score_completions(self, inputs):
         self._answers = [str(x["answer"]) for x in inputs] if "answer" in inputs[0] else None
+        self._prompts = [x["prompt"] for x in inputs]
         output = super()._generate_and_score_completions(inputs)
         out, mode = self._rollout, "train" if self.model.training else "eval"
         device = output["completion_ids"].device
-        output["tool_mask"] = out.generated.long().to(device)  # loss only on tokens the sampler decoded
+        scored = out.generated  # loss only on tokens the sampler decoded (and, with sampled steps, at those steps)
+        if "score_steps" in self._trace:
+            steps = self._trace["score_steps"]
+            scored = scored & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
+        output["tool_mask"] = scored.long().to(device)
+        if "num_items_in_batch" in output:  # TRL's dapo normaliser: count only the tokens in the loss
+            in_loss = (output["completion_mask"] * output["tool_mask"]).sum()
+            output["num_items_in_batch"] = self.accelerator.gather(in_loss).sum()
         for key, value in self._trace.items():
             output[key] = value.to(device)
         if self.args.dense_coef > 0 and out.phi is not None:
@@ -137,16 +150,16 @@ class DiffusionMixin:
         path = os.path.join(folder, f"step{self.state.global_step:06d}_rank{self.accelerator.process_index}.jsonl")
         B, rank = len(out.nfe), self.accelerator.process_index
         local = rewards[rank * B : (rank + 1) * B].tolist() if rewards is not None else [None] * B
-        texts = self._answer_texts()
+        texts, reasoning = self._answer_texts(), self._block_texts(out.reasoning)
         with open(path, "w") as f:
             for i in range(B):
-                row = out.row(i)
-                row.update(answer_text=texts[i], rewards=local[i], gold=self._answers[i] if self._answers else None)
+                row = {"prompt": self._prompts[i], "reasoning": reasoning[i], "answer_text": texts[i],
+                       "gold": self._answers[i] if self._answers else None, "rewards": local[i], **out.row(i)}
                 f.write(json.dumps(row) + "\n")
 
     # Likelihood ---------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
-        self._trace = {k: inputs[k] for k in TRACE_KEYS}
+        self._trace = {k: inputs[k] for k in TRACE_KEYS if k in inputs}
         return super()._compute_loss(model, inputs)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -164,7 +177,8 @@ class DiffusionMixin:
             with self.accelerator.autocast():
                 if self.args.logprob_estimator == "trajectory":
                     lp, ent = trajectory_logps(adapter.logits, ids, am, gen_start, trace["decode_step"], trace["nfe"],
-                                               adapter.mask_id, self.args.trajectory_buckets, temperature)
+                                               adapter.mask_id, self.args.trajectory_buckets, temperature,
+                                               steps=trace.get("score_steps"))
                 elif self.args.logprob_estimator == "coupled":
                     lp, ent = coupled_logps(adapter.logits, ids, am, gen_start, generated, trace["mask_seed"],
                                             adapter.mask_id, temperature)
@@ -217,7 +231,7 @@ class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             return super()._compute_loss(model, inputs)
-        self._trace = {k: inputs[k] for k in TRACE_KEYS}
+        self._trace = {k: inputs[k] for k in TRACE_KEYS if k in inputs}
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         logps, entropies, _ = self._get_per_token_logps_and_entropies(

@@ -3,7 +3,7 @@
 import torch
 from doubles import MASK, oracle_canvas, tiny_model
 
-from rl.logprobs import coupled_logps, mean_field_logps, trajectory_logps
+from rl.logprobs import coupled_logps, mean_field_logps, trajectory_logps, trajectory_steps
 from rollout import MDLMAdapter, SamplerConfig, sample
 
 
@@ -70,3 +70,26 @@ def test_coupled_scores_each_token_once_in_the_pass_where_it_is_masked():
         logits = adapter.logits(x, out.attention_mask[:1], out.generation.shape[1])[0]
         direct = torch.log_softmax(logits, -1).gather(-1, out.generation[0][:, None]).squeeze(-1)
     assert first.any() and torch.allclose(lp[0][first], direct[first], atol=1e-5)
+
+
+def test_sampled_trajectory_steps_score_their_tokens_exactly_and_nothing_else():
+    adapter, out = rollout()
+    seeds = torch.arange(6) + 100
+    steps = trajectory_steps(seeds, out.nfe, 2)
+    assert torch.equal(steps, trajectory_steps(seeds, out.nfe, 2))  # seeded: old and current agree
+    assert torch.equal(steps[2:4], trajectory_steps(seeds[2:4], out.nfe[2:4], 2))  # per row, batch invariant
+    for i, n in enumerate(out.nfe.tolist()):
+        picked = steps[i][steps[i] >= 0]
+        assert len(picked) == min(2, n) and (picked < n).all() and len(set(picked.tolist())) == len(picked)
+    with torch.no_grad():
+        lp, _ = trajectory_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.decode_step,
+                                 out.nfe, MASK, buckets=1, temperature=0.7, steps=steps)
+    chosen = (out.decode_step[:, :, None] == steps[:, None, :]).any(-1) & out.generated
+    assert chosen.any() and (chosen != out.generated).any()
+    assert torch.allclose(lp[chosen], out.token_logprob[chosen], atol=1e-5)  # each from its exact state
+    assert (lp[~chosen] == 0).all()
+    all_steps = trajectory_steps(seeds, out.nfe, int(out.nfe.max()))
+    with torch.no_grad():
+        full, _ = trajectory_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start,
+                                   out.decode_step, out.nfe, MASK, buckets=1, temperature=0.7, steps=all_steps)
+    assert torch.allclose(full[out.generated], out.token_logprob[out.generated], atol=1e-5)

@@ -130,3 +130,23 @@ def test_heldout_eval_callback_logs_accuracy_and_nfe_before_during_and_after(tmp
         assert h["eval/nfe"] == 4 + 2  # left to right: one NFE per reasoning and answer position
     logged = [x for x in trainer.state.log_history if "eval/accuracy" in x]
     assert len(logged) == 3 and all("eval/nfe" in x for x in logged)
+
+
+def test_sampled_trajectory_steps_set_the_loss_mask_and_normaliser(tmp_path):
+    tok, model, ds, args = setup(tmp_path, trajectory_sample_steps=True, trajectory_buckets=2)
+    trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
+                                   processing_class=tok)
+    batch = trainer._generate_and_score_completions([dict(x) for x in ds.select(range(4)) for _ in range(4)])
+    out, steps = trainer._rollout, batch["score_steps"]
+    chosen = out.generated & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
+    assert torch.equal(batch["tool_mask"].bool(), chosen) and (chosen != out.generated).any()
+    assert int(batch["num_items_in_batch"]) == int((batch["completion_mask"] * batch["tool_mask"]).sum())
+    trainer._trace = {k: batch[k] for k in ("decode_step", "nfe", "mask_seed", "score_steps")}
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        a, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, am, batch["completion_ids"].shape[1])
+    assert torch.allclose(a[chosen], out.token_logprob[chosen], atol=1e-5)  # exact states, ratio 1 on-policy
+    assert (a[~chosen] == 0).all()
+    trainer.train()
+    assert trainer.state.global_step == 2
