@@ -94,3 +94,15 @@ def neg_h_ub(h_ub: torch.Tensor, reduction: str = "final") -> torch.Tensor:
         held(h_ub)  # validates shape and finiteness
         return -torch.nanmean(h_ub, dim=-1)
     raise ValueError(f"reduction={reduction!r}; use 'final' or 'mean'.")
+
+
+def answer_likelihood(completions: list, phi_final: list[float | None] | None = None, **kwargs) -> list[float | None]:
+    """Soft outcome reward for TRL: exp(phi_T) = p(a* | prompt, reasoning) in [0, 1], per completion.
+
+    The diffusion trainers pass each rollout's phi_T as the `phi_final` column (NaN/None when the trace has no
+    phi, e.g. no gold answer): those rows get None, which TRL treats as missing rather than 0.
+    """
+    if phi_final is None:
+        raise ValueError("answer_likelihood needs the rollout's phi_T (column 'phi_final'); use it with the "
+                         "diffusion trainers on a task with gold answers.")
+    return [None if p is None or p != p else float(torch.tensor(float(p)).exp()) for p in phi_final]

@@ -19,7 +19,7 @@ import torch
 
 from rewards.code_reward import code_tests
 from rewards.format_reward import answer_format
-from rewards.intrinsic import neg_h_ub, phi_final, phi_token_credit
+from rewards.intrinsic import answer_likelihood, neg_h_ub, phi_final, phi_token_credit
 from rewards.math_reward import math_accuracy
 
 REWARDS: dict[str, Callable] = {
@@ -29,6 +29,7 @@ REWARDS: dict[str, Callable] = {
     "answer_format": answer_format,
     "code": code_tests,
     "code_tests": code_tests,
+    "answer_likelihood": answer_likelihood,  # exp(phi_T): the gold answer's probability given the reasoning
 }
 
 

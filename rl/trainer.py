@@ -9,6 +9,18 @@ reference, logging, checkpoints - is TRL's own):
 - Likelihoods (`_get_per_token_logps_and_entropies`) come from a diffusion estimator (`rl.logprobs`) that reads
   the rollout trace travelling with the batch (decode steps, NFE, per-row mask seeds).
 - Advantages: TRL's outcome advantage plus `dense_coef` x the per-token phi shaping credit, a [B, G] tensor.
+- Checkpoints are TRL's/HF's own (`save_strategy: steps`, `resume_from_checkpoint`), written atomically and
+  completed with the rollout round counter that seeds every row's sampler stream (`rl.checkpoint.ResumableMixin`),
+  so a resumed run draws the same prompts and the same rollouts as an uninterrupted one. SIGTERM / Ctrl-C save a
+  checkpoint at the end of the current step.
+
+Degenerate inputs never reach the loss as NaN, and each kind is counted per step (summed over processes) and
+warned about once: rows whose model logits are non-finite (`rollout/nonfinite_logits_rows`: replaced by uniform
+logits, not scored, out of the loss), rows without a reward from any function (`reward/none_rows`,
+`reward/all_none_groups`; TRL gives them advantage 0), empty answer or reasoning blocks (`rollout/empty_answers`,
+`rollout/empty_reasoning`), exits before any reasoning token (`rollout/exit_at_step0`), gold answers longer than
+the answer block (`data/answers_truncated`), rows without a gold answer (`data/missing_answers`: not scored) and
+rows the loader left out (`data/rows_skipped`). Groups with identical rewards are TRL's `frac_reward_zero_std`.
 """
 
 from __future__ import annotations
@@ -17,31 +29,122 @@ import dataclasses
 import json
 import logging
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from trl import GRPOTrainer, RLOOTrainer
 
 from rl.advantages import dense_advantages
+from rl.checkpoint import ResumableMixin
 from rl.logprobs import coupled_logps, mean_field_logps, trajectory_logps, trajectory_steps
 from rollout import MDLMAdapter, decode_block, layout_canvas, sample
 
 logger = logging.getLogger(__name__)
 TRACE_KEYS = ("decode_step", "nfe", "mask_seed", "score_steps")
+NAN = float("nan")
 
 
-class DiffusionMixin:
+@dataclass
+class FiniteLogitsAdapter(MDLMAdapter):
+    """`MDLMAdapter` whose logits are always finite.
+
+    A row whose logits hold NaN or +inf, or a position without any finite logit, gets uniform logits (mask id
+    still -inf) for that forward: the sampler cannot stall on it and the loss cannot turn NaN (the replacement
+    passes no gradient). With `nonfinite_inputs` set to a list, the non-padding tokens of each such row are appended
+    to it, so the trainer can tell which rollouts met them (`nonfinite_rows`). `replaced` counts rows, shared by
+    every copy made with `dataclasses.replace`.
+    """
+
+    nonfinite_inputs: list | None = None
+    replaced: list = dataclasses.field(default_factory=lambda: [0])
+
+    @classmethod
+    def wrap(cls, adapter: MDLMAdapter) -> FiniteLogitsAdapter:
+        return cls(**{f.name: getattr(adapter, f.name) for f in dataclasses.fields(MDLMAdapter) if f.init})
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int) -> torch.Tensor:
+        logits = super().logits(input_ids, attention_mask, keep_last)  # [B, K, V]
+        bad = (~torch.isfinite(logits.amax(-1))).any(-1)  # [B]: amax is NaN/+inf/-inf exactly then
+        if not bad.any():
+            return logits
+        uniform = torch.zeros_like(logits[:1])
+        uniform[..., self.mask_id] = float("-inf")
+        self.replaced[0] += int(bad.sum())
+        if self.nonfinite_inputs is not None:
+            for i in torch.nonzero(bad).flatten().tolist():
+                self.nonfinite_inputs.append(tuple(input_ids[i][attention_mask[i].bool()].tolist()))
+        return torch.where(bad[:, None, None], uniform, logits)
+
+
+def nonfinite_rows(canvas, out, inputs: list) -> torch.Tensor:
+    """[B] bool: rows of a sampler call whose state at some step is among `inputs` (the adapter's record)."""
+    bad = torch.zeros(len(out.nfe), dtype=torch.bool)
+    if not inputs:
+        return bad
+    seen = set(inputs)
+    g0 = out.gen_start
+    ids, am = canvas.input_ids[:, :g0].cpu(), canvas.attention_mask[:, :g0].cpu()
+    prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, am)]
+    nfe = out.nfe.tolist()
+    for t in range(max(nfe)):
+        state = out.state_at(t).cpu()  # [B, G] the input of forward t
+        for i in range(len(nfe)):
+            if t < nfe[i] and not bad[i] and tuple(prompts[i] + state[i].tolist()) in seen:
+                bad[i] = True
+    return bad
+
+
+class _Repeats(logging.Filter):
+    """Drops the records whose message contains `text` after the first `keep` of them."""
+
+    def __init__(self, text: str, keep: int):
+        super().__init__()
+        self.text, self.keep, self.count = text, keep, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in str(record.msg):  # not startswith: accelerate's logger prefixes "[RANK i] "
+            return True
+        self.count += 1
+        return self.count <= self.keep
+
+
+def log_once(logger_name: str, text: str) -> None:
+    """Let `logger_name` emit its message containing `text` once per process (the trainer counts repeats)."""
+    log = logging.getLogger(logger_name)
+    if not any(isinstance(f, _Repeats) and f.text == text for f in log.filters):
+        log.addFilter(_Repeats(text, keep=1))
+
+
+@contextmanager
+def _silenced(logger_name: str, text: str):
+    log, drop = logging.getLogger(logger_name), _Repeats(text, keep=0)
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+class DiffusionMixin(ResumableMixin):
     """Shared diffusion behaviour; mixed in before the TRL trainer class."""
 
     _turn_returns_logprobs = True  # TRL's GRPO `_generate_single_turn` returns (ids, logprobs), RLOO's only ids
 
-    def _init_diffusion(self, heldout_dataset=None) -> None:
+    def _init_diffusion(self, heldout_dataset=None, rows_skipped: int = 0) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        self._adapter = MDLMAdapter.from_pretrained(model, self.processing_class)
+        self._adapter = FiniteLogitsAdapter.wrap(MDLMAdapter.from_pretrained(model, self.processing_class))
         self._sampler = self.args.sampler_config()
         self._template = self.args.template_config()
-        self._round = 0
+        self._round = 0  # rollout rounds so far: seeds the sampler's per-row streams; saved in checkpoints
         self._trace: dict | None = None
         self._answers: list[str] | None = None
+        self._missing_gold = self._nonfinite = torch.zeros(0, dtype=torch.bool)
+        self._warned: set[str] = set()
+        self._rows_skipped = rows_skipped or None
+        self._init_resume()
+        for name in ("trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer"):  # TRL warns at every such step
+            log_once(name, "All reward functions returned None")
         self.heldout = None
         if heldout_dataset is not None and self.args.heldout_eval_steps > 0:
             from rl.callbacks import HeldOutEvalCallback
@@ -55,6 +158,17 @@ class DiffusionMixin:
     def _adapter_for(self, model) -> MDLMAdapter:
         return dataclasses.replace(self._adapter, model=model)
 
+    def _resume_state(self) -> dict:
+        return {"round": self._round}
+
+    def _load_resume_state(self, state: dict) -> None:
+        self._round = state["round"]
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned and self.accelerator.is_main_process:
+            self._warned.add(key)
+            logger.warning(message + " Reported once; the metric counts every step.", *args)
+
     # Generation ---------------------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         from trl.models import unwrap_model_for_generation
@@ -64,14 +178,18 @@ class DiffusionMixin:
         base = (self.args.seed * 1_000_003 + self._round * 10_007 + rank * 1_009) % (2**62)
         seeds = torch.arange(len(prompt_ids)) + base  # one random stream per row, distinct across ranks/rounds
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
-            adapter = self._adapter_for(model)
+            adapter = dataclasses.replace(self._adapter_for(model), nonfinite_inputs=[])
             answers = self._answers if self._template.layout == "infill" else None
-            canvas = layout_canvas(self.processing_class, prompt_ids, self._template, adapter.mask_id,
-                                   answers=answers, max_length=adapter.max_length, answer_overflow="truncate")
+            with _silenced("rollout.template", "Truncated"):  # counted and reported once by `_log_rollout`
+                canvas = layout_canvas(self.processing_class, prompt_ids, self._template, adapter.mask_id,
+                                       answers=answers, max_length=adapter.max_length, answer_overflow="truncate")
             was_training = model.training
             model.eval()
             out = sample(adapter, canvas, self._sampler, seeds=seeds)
             model.train(was_training)
+        self._nonfinite = nonfinite_rows(canvas, out, adapter.nonfinite_inputs)  # [B]
+        if out.phi is not None and self._missing_gold.any():
+            out.phi[self._missing_gold.to(out.phi.device)] = NAN  # no gold, no potential: no dense credit
         self._rollout, self._canvas_report = out, canvas.report
         self._trace = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": seeds.to(out.nfe.device)}
         if self.args.logprob_estimator == "trajectory" and self.args.trajectory_sample_steps:
@@ -90,19 +208,57 @@ class DiffusionMixin:
         return self._block_texts(self._rollout.answer)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        for x, text in zip(inputs, self._answer_texts(), strict=True):
+        phi_final = self._rollout.phi_final.tolist() if self._rollout.phi is not None else [None] * len(inputs)
+        for x, text, phi in zip(inputs, self._answer_texts(), phi_final, strict=True):
             x["answer_texts"] = text  # rewards read the answer block, not the free text
-        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            x["phi_final"] = phi  # phi_T, for the soft outcome reward `answer_likelihood`
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # [B_global, F]
+        rewards = self._screen_rewards(rewards)
         self._last_rewards = rewards
         return rewards
 
+    def _screen_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
+        """NaN (TRL: not scorable, advantage 0) for rows met by non-finite logits or without a gold answer and
+        for +-inf values; count rows without any reward and groups without any scorable row."""
+        mode = "train" if self.model.training else "eval"
+        unusable = self.accelerator.gather((self._nonfinite | self._missing_gold).long().to(rewards.device)).bool()
+        inf = torch.isinf(rewards)
+        if inf.any():
+            self._warn_once("inf_reward", "A reward function returned +-inf for %d value(s); they count as None "
+                            "(reward/none_rows when no function scored the row).", int(inf.sum()))
+        rewards = torch.where(inf | unusable[:, None], torch.full_like(rewards, NAN), rewards)
+        none = torch.isnan(rewards).all(-1)  # [B_global]
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        all_none = none.view(-1, G).all(-1)  # [groups]
+        m = self._metrics[mode]
+        m["reward/none_rows"].append(float(none.sum()))
+        m["reward/all_none_groups"].append(float(all_none.sum()))
+        if none.any():
+            self._warn_once("none_rows", "%d of %d rollouts got no reward (every reward function returned None, or "
+                            "the row was unusable); they get advantage 0 and stay out of the group baselines "
+                            "(reward/none_rows; %d whole groups: reward/all_none_groups).",
+                            int(none.sum()), len(none), int(all_none.sum()))
+        total = (rewards * self.reward_weights.to(rewards.device, rewards.dtype)).nansum(-1).masked_fill(none, NAN)
+        grouped = total.view(-1, G)  # [groups, G]
+        spread = grouped.nan_to_num(-torch.inf).amax(-1) - grouped.nan_to_num(torch.inf).amin(-1)
+        if mode == "train" and not (spread > 0).any():
+            self._warn_once("no_signal", "Step %d: every group had identical rewards (or none): the outcome "
+                            "advantage is 0 for the whole batch (frac_reward_zero_std).", self.state.global_step)
+        return rewards
+
     def _generate_and_score_completions(self, inputs):
-        self._answers = [str(x["answer"]) for x in inputs] if "answer" in inputs[0] else None
+        if "answer" in inputs[0]:
+            golds = [x["answer"] for x in inputs]
+            self._missing_gold = torch.tensor([g is None or not str(g).strip() for g in golds])
+            self._answers = ["" if missing else str(g) for g, missing in zip(golds, self._missing_gold.tolist())]
+        else:
+            self._answers, self._missing_gold = None, torch.zeros(len(inputs), dtype=torch.bool)
         self._prompts = [x["prompt"] for x in inputs]
         output = super()._generate_and_score_completions(inputs)
         out, mode = self._rollout, "train" if self.model.training else "eval"
         device = output["completion_ids"].device
         scored = out.generated  # loss only on tokens the sampler decoded (and, with sampled steps, at those steps)
+        scored = scored & ~self._nonfinite.to(scored.device)[:, None]  # rows that met non-finite logits: none
         if "score_steps" in self._trace:
             steps = self._trace["score_steps"]
             scored = scored & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
@@ -128,6 +284,12 @@ class DiffusionMixin:
         x = x[~torch.isnan(x)]
         return float(x.mean()) if x.numel() else float("nan")
 
+    def _gather_sums(self, counts: dict[str, float]) -> dict[str, int]:
+        """Per-process counts summed over processes (one collective)."""
+        local = torch.tensor(list(counts.values()), dtype=torch.float64, device=self.accelerator.device)
+        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        return dict(zip(counts, (int(v) for v in total.tolist())))
+
     def _log_rollout(self, out, mode: str) -> None:
         m = self._metrics[mode]
         m["rollout/nfe"].append(self._gather_mean(out.nfe.float()))
@@ -140,9 +302,10 @@ class DiffusionMixin:
         rewards = getattr(self, "_last_rewards", None)  # [B_global, F] per reward function, gathered by TRL
         if rewards is not None:
             weights = self.reward_weights.to(rewards.device, rewards.dtype)
-            m["reward/outcome"].append(float((rewards * weights).nansum(-1).mean()))
-        truncated = float(self._canvas_report.get("answers_truncated", 0))
-        m["data/answers_truncated"].append(self._gather_mean(torch.tensor([truncated])))
+            total = (rewards * weights).nansum(-1).masked_fill(torch.isnan(rewards).all(-1), NAN)
+            m["reward/outcome"].append(float(total.nanmean()))
+        texts, reasoning = self._answer_texts(), self._block_texts(out.reasoning)
+        self._count_degenerate(out, mode, texts, reasoning)
         if self.args.rollout_log_dir == "" or mode != "train":
             return
         folder = self.args.rollout_log_dir or os.path.join(self.args.output_dir, "rollouts")
@@ -150,12 +313,58 @@ class DiffusionMixin:
         path = os.path.join(folder, f"step{self.state.global_step:06d}_rank{self.accelerator.process_index}.jsonl")
         B, rank = len(out.nfe), self.accelerator.process_index
         local = rewards[rank * B : (rank + 1) * B].tolist() if rewards is not None else [None] * B
-        texts, reasoning = self._answer_texts(), self._block_texts(out.reasoning)
+        local = [[None if v != v else v for v in row] if isinstance(row, list) else row for row in local]  # NaN: None
         with open(path, "w") as f:
             for i in range(B):
                 row = {"prompt": self._prompts[i], "reasoning": reasoning[i], "answer_text": texts[i],
-                       "gold": self._answers[i] if self._answers else None, "rewards": local[i], **out.row(i)}
+                       "gold": self._answers[i] if self._answers and not self._missing_gold[i] else None,
+                       "rewards": local[i], **out.row(i)}
                 f.write(json.dumps(row) + "\n")
+
+    def _count_degenerate(self, out, mode: str, answers: list[str], reasoning: list[str]) -> None:
+        """Per-step counts (summed over processes) of degenerate rollouts and inputs; each warned about once."""
+        counts = self._gather_sums({
+            "rollout/nonfinite_logits_rows": float(self._nonfinite.sum()),
+            "rollout/empty_answers": float(sum(not t.strip() for t in answers)) if out.answer is not None else 0.0,
+            "rollout/empty_reasoning": float(sum(not t.strip() for t in reasoning)),
+            "rollout/exit_at_step0": float((out.exit_step == 0).sum()),
+            "data/answers_truncated": float(self._canvas_report.get("answers_truncated", 0)),
+            "data/missing_answers": float(self._missing_gold.sum()),
+        })
+        m = self._metrics[mode]
+        for key, value in counts.items():
+            m[key].append(float(value))
+        rows = len(out.nfe) * self.accelerator.num_processes
+        if counts["rollout/nonfinite_logits_rows"]:
+            self._warn_once("nonfinite", "%d of %d rollouts met non-finite (NaN/inf) logits: replaced by uniform "
+                            "logits, left out of the loss and not scored (rollout/nonfinite_logits_rows). Check the "
+                            "model's numerics (dtype, attention mask).", counts["rollout/nonfinite_logits_rows"], rows)
+        if counts["rollout/empty_answers"]:
+            self._warn_once("empty_answers", "%d of %d rollouts decoded an empty answer block (e.g. EOS first); the "
+                            "rewards score them as they are (rollout/empty_answers).", counts["rollout/empty_answers"],
+                            rows)
+        if counts["rollout/empty_reasoning"]:
+            self._warn_once("empty_reasoning", "%d of %d rollouts have an empty reasoning block (EOS first, or an "
+                            "exit before any reasoning token; rollout/empty_reasoning).",
+                            counts["rollout/empty_reasoning"], rows)
+        if counts["rollout/exit_at_step0"]:
+            self._warn_once("exit0", "%d of %d rollouts exited at step 0 (H_UB < exit_gamma=%s before any "
+                            "reasoning token): only their answer tokens are trained (rollout/exit_at_step0); lower "
+                            "exit_gamma if this persists.", counts["rollout/exit_at_step0"], rows,
+                            self._sampler.exit_gamma)
+        if counts["data/answers_truncated"] and "truncated" not in self._warned:
+            A = self._template.answer_length
+            long = [a for a in self._answers or [] if len(self.processing_class(a, add_special_tokens=False)
+                                                          ["input_ids"]) > A]
+            self._warn_once("truncated", "%d gold answer(s) are longer than the answer block (answer_length=%d), "
+                            "e.g. %r; phi reads them truncated (data/answers_truncated). Increase answer_length.",
+                            counts["data/answers_truncated"], A, long[0] if long else "(on another process)")
+        if counts["data/missing_answers"]:
+            self._warn_once("missing", "%d of %d rows have no gold answer: they are not scored and get no phi "
+                            "(data/missing_answers).", counts["data/missing_answers"], rows)
+        if self._rows_skipped is not None and mode == "train":
+            m["data/rows_skipped"].append(float(self._rows_skipped))  # once: the loader's count
+            self._rows_skipped = None
 
     # Likelihood ---------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -165,6 +374,7 @@ class DiffusionMixin:
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **unused):
         adapter = self._adapter_for(model)
+        replaced = adapter.replaced[0]
         gen_start = input_ids.shape[1] - logits_to_keep
         batch_size = batch_size or input_ids.shape[0]
         temperature = self.args.temperature
@@ -187,15 +397,18 @@ class DiffusionMixin:
                                                adapter.mask_id, temperature, self.args.prompt_mask_prob)
             logps.append(lp)
             ents.append(ent)
+        if adapter.replaced[0] > replaced:
+            self._warn_once("likelihood_nonfinite", "Non-finite logits in a likelihood pass (%d row-forwards): "
+                            "replaced by uniform logits, which pass no gradient.", adapter.replaced[0] - replaced)
         return torch.cat(logps), torch.cat(ents) if compute_entropy else None, None
 
 
 class DiffusionGRPOTrainer(DiffusionMixin, GRPOTrainer):
     """`trl.GRPOTrainer` generating with the diffusion sampler; config: `rl.config.DiffusionGRPOConfig`."""
 
-    def __init__(self, *args, heldout_dataset=None, **kwargs):
+    def __init__(self, *args, heldout_dataset=None, rows_skipped: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_diffusion(heldout_dataset)
+        self._init_diffusion(heldout_dataset, rows_skipped)
 
 
 class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
@@ -208,9 +421,9 @@ class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
 
     _turn_returns_logprobs = False
 
-    def __init__(self, *args, heldout_dataset=None, **kwargs):
+    def __init__(self, *args, heldout_dataset=None, rows_skipped: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_diffusion(heldout_dataset)
+        self._init_diffusion(heldout_dataset, rows_skipped)
 
     def _generate_and_score_completions(self, inputs):
         self._old_per_token = None

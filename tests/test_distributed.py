@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from doubles import save_scratch_policy
 
 from rl.tasks import TaskConfig, load_task
@@ -33,16 +34,21 @@ def model_dir(tmp_path_factory):
     return save_scratch_policy(tmp_path_factory.mktemp("policy"), texts)
 
 
-@pytest.mark.slow
-def test_two_process_ddp_grpo_runs_two_steps(tmp_path, model_dir):
-    out = tmp_path / "run"
-    flags = [f"--{k}={v}" for k, v in TASK.items()] + [
+def _flags(model_dir, out) -> list[str]:
+    return [f"--{k}={v}" for k, v in TASK.items()] + [
         f"--model_name_or_path={model_dir}", f"--output_dir={out}", "--max_steps=2", "--reasoning_length=8",
         "--answer_length=2", "--delimiter=The answer is", "--per_device_train_batch_size=4", "--num_generations=4",
         "--policy=med", "--exit_gamma=0.5", "--dense_coef=0.1", "--heldout_eval_steps=2", "--heldout_size=8",
         "--learning_rate=1e-3", "--beta=0", "--gradient_checkpointing=false", "--logging_steps=1",
         "--save_strategy=no", "--report_to=none", "--use_cpu=true", "--bf16=false",
+        "--use_peft=true", "--lora_r=4", "--lora_alpha=8", "--gradient_accumulation_steps=1",
     ]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_grpo_runs_two_steps(tmp_path, model_dir):
+    out = tmp_path / "run"
+    flags = _flags(model_dir, out)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), os.path.join(ROOT, "scripts", "grpo.py"),
@@ -58,7 +64,29 @@ def test_two_process_ddp_grpo_runs_two_steps(tmp_path, model_dir):
         assert len(rows) == 4 and all(r["nfe"] >= 1 for r in rows)
     # The held-out set was split between the ranks: 4 rows each, evaluated before, at step 2 (= the end).
     assert len([json.loads(x) for x in (out / "heldout" / "step000000_rank1.jsonl").open()]) == 4
-    # The tiny recipe trains LoRA: the final directory holds the adapter (on the SFT base) and the recipe.
+    # LoRA (the 8B default) under DDP: the final directory holds the adapter (on the SFT base) and the recipe.
     assert os.path.exists(out / "final" / "adapter_model.safetensors")
     assert os.path.exists(out / "final" / "recipe.yaml")
     assert "eval/accuracy" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_two_process_deepspeed_zero2_grpo_runs_two_steps(tmp_path, model_dir):
+    """The shipped ZeRO-2 accelerate config, with 2 processes and fp32, on CPU (gloo). DeepSpeed JIT-compiles its
+    CPU ops on first use (about a minute, then cached)."""
+    with open(os.path.join(ROOT, "recipes", "accelerate", "zero2.yaml")) as f:
+        config = yaml.safe_load(f)
+    config.update(num_processes=2, mixed_precision="no", main_process_port=_free_port())
+    config_file = tmp_path / "zero2_cpu.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           os.path.join(ROOT, "scripts", "grpo.py"), os.path.join(ROOT, "recipes", "tiny", "grpo.yaml"),
+           *_flags(model_dir, out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = sorted(os.path.basename(p) for p in glob.glob(str(out / "rollouts" / "*.jsonl")))
+    assert logs == [f"step{s:06d}_rank{r}.jsonl" for s in (0, 1) for r in (0, 1)], logs
+    assert "DeepSpeed" in proc.stdout + proc.stderr or "deepspeed" in proc.stdout + proc.stderr
+    assert os.path.exists(out / "final" / "recipe.yaml")

@@ -65,15 +65,17 @@ def test_bad_values_fail_in_post_init(tmp_path):
         parse([TaskConfig], [_write(tmp_path, "task: gsm\n")])
 
 
+# Accelerate configs are checked below; ablation recipes (nested: base + arms) in tests/test_ablate.py.
 RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True)
-                 if os.sep + "accelerate" + os.sep not in p)
+                 if os.sep + "accelerate" + os.sep not in p and os.sep + "ablations" + os.sep not in p)
 
 
 def _entry_point(path: str) -> str:
-    """Which script a recipe is for: evaluation, RL (it lists rewards) or SFT."""
+    """Which script a recipe is for: evaluation, frontier, posterior sampling, RL (it lists rewards) or SFT."""
     name = os.path.basename(path)
-    if name.startswith("eval"):
-        return "evaluate"
+    for kind in ("eval", "frontier", "posterior"):
+        if name.startswith(kind):
+            return "evaluate" if kind == "eval" else kind
     if "rewards" in load_recipe(path):
         return "rloo" if "rloo" in name else "grpo"
     return "sft"
@@ -83,7 +85,8 @@ def _entry_point(path: str) -> str:
 def test_every_shipped_recipe_parses(path):
     kind = _entry_point(path)
     script = _script(kind)
-    configs = parse(script.configs(), [path] if kind == "evaluate" else [path, "--use_cpu", "true", "--bf16", "false"])
+    sampling = kind in ("evaluate", "frontier", "posterior")  # no TrainingArguments
+    configs = parse(script.configs(), [path] if sampling else [path, "--use_cpu", "true", "--bf16", "false"])
     assert len(configs) == len(script.configs())
 
 

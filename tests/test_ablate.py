@@ -1,0 +1,123 @@
+"""Ablation runner: per-run recipes, launching and skipping runs, and the table computed from the runs' logs."""
+
+import json
+import math
+import sys
+
+import pytest
+import yaml
+
+from rl.ablate import Ablation, load_ablation, read_run, report, run_all, run_recipe, summarize
+
+
+def write_run(folder, evals, rollouts):
+    """evals: {step: [correct, ...]}; rollouts: {step: [(nfe, reward), ...]} in the trainer's file layout."""
+    (folder / "heldout").mkdir(parents=True)
+    (folder / "rollouts").mkdir(parents=True)
+    for step, correct in evals.items():
+        rows = [{"correct": c, "nfe": 9} for c in correct]
+        (folder / "heldout" / f"step{step:06d}_rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for step, rows in rollouts.items():
+        text = "".join(json.dumps({"nfe": n, "rewards": [r, 0.5]}) + "\n" for n, r in rows)
+        (folder / "rollouts" / f"step{step:06d}_rank0.jsonl").write_text(text)
+
+
+def ablation(tmp_path, **kw):
+    base = tmp_path / "base.yaml"
+    base.write_text("learning_rate: 1.0e-4\nmax_steps: 10\n")
+    return Ablation(base=str(base), arms={"outcome": {}, "dense": {"dense_coef": 0.1}}, seeds=2,
+                    output_dir=str(tmp_path / "abl"), **kw)
+
+
+def test_read_run_counts_nfe_spent_before_each_evaluation(tmp_path):
+    write_run(tmp_path, {0: [1, 0, 0, 0], 2: [1, 1, 0, 0]},
+              {0: [(10, 1.0), (6, 0.0)], 1: [(8, 1.0), (8, 1.0)]})
+    run = read_run(str(tmp_path))
+    assert run["train"] == [(0, 0.5, 16), (1, 1.0, 32)]  # the first reward function is the outcome reward
+    assert run["eval"] == [(0, 0.25, 0), (2, 0.5, 32)]
+
+
+def test_summary_table_against_hand_computed_values(tmp_path):
+    abl = ablation(tmp_path)
+    roll = {0: [(10, 0.0)], 1: [(10, 1.0)], 2: [(10, 1.0)], 3: [(10, 1.0)]}
+    # outcome arm: final accuracies 0.5 and 0.75 -> target 0.625.
+    write_run(tmp_path / "abl/outcome/seed0", {0: [0, 0, 0, 1], 2: [0, 1, 0, 1], 4: [0, 1, 0, 1]}, roll)
+    write_run(tmp_path / "abl/outcome/seed1", {0: [0, 0, 0, 1], 2: [0, 0, 0, 1], 4: [1, 1, 0, 1]}, roll)
+    # dense arm: reaches 0.625+ at step 2 (seed 0, 20 NFE spent) and step 4 (seed 1, 40 NFE); finals 0.75, 1.0.
+    write_run(tmp_path / "abl/dense/seed0", {0: [0, 0, 0, 1], 2: [1, 1, 0, 1], 4: [1, 1, 0, 1]}, roll)
+    write_run(tmp_path / "abl/dense/seed1", {0: [0, 0, 0, 1], 2: [0, 1, 0, 1], 4: [1, 1, 1, 1]}, roll)
+    table, _ = summarize(abl)
+    rows = {r["arm"]: r for r in table}
+    assert rows["outcome"]["target_accuracy"] == pytest.approx(0.625)
+    assert rows["outcome"]["final_accuracy_mean"] == pytest.approx(0.625)
+    assert rows["outcome"]["final_accuracy_std"] == pytest.approx(math.sqrt(2) * 0.125)
+    assert rows["outcome"]["seeds_reaching_target"] == 1  # seed 0 never reaches 0.625; seed 1 at step 4
+    assert rows["outcome"]["steps_to_target_mean"] == 4
+    assert rows["dense"]["final_accuracy_mean"] == pytest.approx(0.875)
+    assert rows["dense"]["steps_to_target_mean"] == 3 and rows["dense"]["seeds_reaching_target"] == 2
+    assert rows["dense"]["nfe_to_target_mean"] == 30 and rows["dense"]["steps_to_target_std"] == pytest.approx(
+        math.sqrt(2))
+    out = report(abl, title="test")
+    md = (tmp_path / "abl/results.md").read_text()
+    assert "| dense | 2 | 0.250 | 0.875 ± 0.177 | 2/2 | 3.0 ± 1.4 | 30 ± 14 |" in md
+    assert (tmp_path / "abl/curves.png").stat().st_size > 10_000 and out["csv"].endswith("results.csv")
+
+
+FAKE_TRAINER = """
+import json, os, sys, yaml
+recipe = yaml.safe_load(open(sys.argv[1]))
+if recipe.get("dense_coef") == 0.5:
+    sys.exit(3)
+out = recipe["output_dir"]
+for sub in ("heldout", "rollouts", "final"):
+    os.makedirs(os.path.join(out, sub), exist_ok=True)
+with open(os.path.join(out, "heldout", "step000000_rank0.jsonl"), "w") as f:
+    f.write(json.dumps({"correct": recipe["seed"] % 2 == 0}) + "\\n")
+with open(os.path.join(out, "seen.json"), "w") as f:
+    json.dump(recipe, f)
+"""
+
+
+def test_run_all_launches_each_arm_and_seed_once_and_reports_failures(tmp_path):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    abl = ablation(tmp_path, script=str(script), launcher=sys.executable, common={"max_steps": 3})
+    abl.arms["broken"] = {"dense_coef": 0.5}
+    runs = run_all(abl)
+    assert [(r["arm"], r["seed"], r["status"]) for r in runs][:4] == [
+        ("outcome", 0, "ok"), ("outcome", 1, "ok"), ("dense", 0, "ok"), ("dense", 1, "ok")]
+    assert all(r["status"].startswith("failed (exit 3") for r in runs[4:])
+    seen = json.loads((tmp_path / "abl/dense/seed1/seen.json").read_text())
+    assert seen == {"learning_rate": 1e-4, "max_steps": 3, "dense_coef": 0.1, "seed": 1,
+                    "output_dir": str(tmp_path / "abl/dense/seed1")}
+    again = run_all(abl)  # finished runs are skipped; the failed ones run again
+    assert [r["status"] for r in again[:4]] == ["done"] * 4
+
+
+def test_bad_ablation_recipes_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="reference_arm"):
+        ablation(tmp_path, reference_arm="nope")
+    with pytest.raises(ValueError, match="seed"):
+        Ablation(base="b.yaml", arms={"a": {"seed": 1}})
+    path = tmp_path / "abl.yaml"
+    path.write_text(yaml.safe_dump({"base": "b.yaml", "arms": {"a": {}}, "armz": 1}))
+    with pytest.raises(ValueError, match="unknown key"):
+        load_ablation(str(path))
+    assert run_recipe(ablation(tmp_path), "dense", 0)["dense_coef"] == 0.1
+
+
+def test_shipped_ablation_recipe_builds_valid_training_recipes(tmp_path):
+    import importlib.util
+
+    from rl.recipe import parse
+
+    spec = importlib.util.spec_from_file_location("script_grpo", "scripts/grpo.py")
+    grpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grpo)
+
+    abl = load_ablation("recipes/ablations/tiny_dense_vs_outcome.yaml")
+    assert abl.seeds == 3 and len(abl.arms) >= 3
+    for arm in abl.arms:
+        path = tmp_path / f"{arm}.yaml"
+        path.write_text(yaml.safe_dump(run_recipe(abl, arm, 0)))
+        parse(grpo.configs(), [str(path), "--use_cpu", "true"])  # every key is a field of the GRPO script's configs
