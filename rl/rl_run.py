@@ -1,12 +1,18 @@
-"""One RL run from resolved configs: data, tokenizer, policy (+ LoRA), rewards, trainer, train, atomic save."""
+"""One RL run from resolved configs: data, tokenizer, policy (+ LoRA), rewards, trainer, train, atomic save.
+
+`--resume` continues the run in output_dir from its last complete checkpoint (see `rl.checkpoint`). A run stopped
+by SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits with status 128 + the signal
+number, without a final model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 from dataclasses import dataclass, field
 
-from rl.checkpoint import save_final_model
+from rl.checkpoint import resolve_resume, save_final_model
 from rl.models import DTYPES, load_pretrained, load_tokenizer, set_cpu_threads
 from rl.recipe import recipe_yaml
 from rl.sft.config import LoraArguments
@@ -36,13 +42,27 @@ class RewardArgs:
     final_model_dir: str | None = field(default=None, metadata={"help": "Final model dir (default output_dir/final)."})
 
 
+@dataclass
+class ResumeArgs:
+    """Continuing an interrupted run (HF's own `resume_from_checkpoint` takes a path). Field names are recipe keys."""
+
+    resume: bool = field(default=False, metadata={
+        "help": "Continue from the last complete checkpoint-N in output_dir: same step, data order, rollout seeds, "
+                "optimizer and scheduler. An error if there is none (see fresh_if_no_checkpoint)."})
+    fresh_if_no_checkpoint: bool = field(default=False, metadata={
+        "help": "With resume: start fresh instead of failing when output_dir has no complete checkpoint."})
+
+
 def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: LoraArguments, rewards: RewardArgs,
-           args) -> str:
+           args, resume: ResumeArgs | None = None) -> str:
     """Train `trainer_cls` (Diffusion{GRPO,RLOO}Trainer) and write the final model; returns its path."""
     from rewards.registry import get_rewards
 
     if not model_cfg.model_name_or_path:
         raise ValueError("Set model_name_or_path (a hub id or a local dir, e.g. outputs/tiny/sft/final).")
+    resume = resume or ResumeArgs()
+    checkpoint = resolve_resume(args.output_dir, resume.resume, resume.fresh_if_no_checkpoint,
+                                args.resume_from_checkpoint)  # before any loading: a bad request fails fast
     set_cpu_threads(model_cfg.cpu_threads, args.use_cpu)
     reward_funcs = get_rewards(rewards.rewards)  # unknown names fail here, before any model is loaded
     path = model_cfg.model_name_or_path
@@ -70,8 +90,16 @@ def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: Lora
     trainer = trainer_cls(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=data.dataset, processing_class=tokenizer,
         peft_config=lora.peft_config() if lora.use_peft else None, heldout_dataset=heldout,
+        rows_skipped=data.bad_rows.total,
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if checkpoint:
+        logger.info("Resuming from checkpoint %s.", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.stop_signal:
+        if trainer.is_world_process_zero():
+            logger.warning("Stopped by %s after step %d; checkpoint saved in %s. Continue with --resume.",
+                           signal.Signals(trainer.stop_signal).name, trainer.state.global_step, args.output_dir)
+        raise SystemExit(128 + trainer.stop_signal)
     final = rewards.final_model_dir or f"{args.output_dir.rstrip('/')}/final"
     text = recipe_yaml(task, model_cfg, lora, rewards, args)
     # TRL derives generation_batch_size from steps_per_generation (or the reverse) and refuses both set: keep the

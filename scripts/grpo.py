@@ -3,9 +3,10 @@
     python scripts/grpo.py recipes/tiny/grpo.yaml                         # tiny default on CPU
     accelerate launch --config_file recipes/accelerate/zero2.yaml scripts/grpo.py recipes/gsm8k.yaml
     python scripts/grpo.py recipes/tiny/grpo.yaml --dense_coef 0.1 --max_steps 20
+    python scripts/grpo.py recipes/tiny/grpo.yaml --save_strategy steps --save_steps 10 --resume   # continue
 
-Recipe keys are the fields of TaskConfig, PolicyModelArgs, LoraArguments, RewardArgs and DiffusionGRPOConfig
-(trl.GRPOConfig + the diffusion fields); flags override the recipe.
+Recipe keys are the fields of TaskConfig, PolicyModelArgs, LoraArguments, RewardArgs, ResumeArgs and
+DiffusionGRPOConfig (trl.GRPOConfig + the diffusion fields); flags override the recipe.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import logging
 def configs() -> list[type]:
     """The dataclasses whose fields are this script's recipe keys."""
     from rl.config import DiffusionGRPOConfig
-    from rl.rl_run import PolicyModelArgs, RewardArgs
+    from rl.rl_run import PolicyModelArgs, ResumeArgs, RewardArgs
     from rl.sft.config import LoraArguments
     from rl.tasks import TaskConfig
 
-    return [TaskConfig, PolicyModelArgs, LoraArguments, RewardArgs, DiffusionGRPOConfig]
+    return [TaskConfig, PolicyModelArgs, LoraArguments, RewardArgs, ResumeArgs, DiffusionGRPOConfig]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> str:
     from rl.rl_run import run_rl
     from rl.trainer import DiffusionGRPOTrainer
 
-    task, model_cfg, lora, rewards, args = parse(configs(), argv, description=__doc__.split("\n\n")[0])
+    task, model_cfg, lora, rewards, resume, args = parse(configs(), argv, description=__doc__.split("\n\n")[0])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return run_rl(DiffusionGRPOTrainer, task, model_cfg, lora, rewards, args)
+    return run_rl(DiffusionGRPOTrainer, task, model_cfg, lora, rewards, args, resume)
 
 
 if __name__ == "__main__":

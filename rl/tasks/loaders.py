@@ -1,12 +1,15 @@
 """Loaders for real math datasets (GSM8K, MATH-500) from a hub name or a local jsonl, into the task columns.
 
 Every loader returns rows {prompt, answer, reasoning}: `answer` is the final answer as a string, `reasoning` the
-gold solution text without the final answer line. Rows that cannot be used (missing question, missing or
-non-numeric answer) are counted by reason, logged with an example, and left out; the counts travel in `BadRows`.
+gold solution text without the final answer line. Rows that cannot be used (a line that is not JSON, a missing or
+non-text question, a missing or non-numeric answer) are counted by reason, logged with an example, and left out;
+the counts travel in `BadRows`. A local .jsonl is read line by line, so one bad line (or a field whose type differs
+from the other rows') costs that row only, not the whole file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
@@ -17,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)$")
+INVALID_LINE = "__invalid_json_line__"  # key of the placeholder row `read_rows` yields for an unreadable line
 
 
 @dataclass
@@ -51,12 +55,33 @@ def normalize_number(text: str) -> str | None:
 
 
 def read_rows(path: str, hub_config: str | None, split: str) -> Iterable[dict]:
-    """Rows of a local .jsonl/.json file (the whole file is the split) or of a hub dataset's `split`."""
+    """Rows of a local .jsonl/.json file (the whole file is the split) or of a hub dataset's `split`.
+
+    A .jsonl line that is not a JSON object yields `{INVALID_LINE: <the line>}`, which the converters count.
+    """
     import datasets
 
-    if path.endswith((".jsonl", ".json")):
+    if path.endswith(".jsonl"):
+        return list(_jsonl_rows(path))
+    if path.endswith(".json"):
         return datasets.load_dataset("json", data_files=path, split="train")
     return datasets.load_dataset(path, hub_config, split=split)
+
+
+def _jsonl_rows(path: str) -> Iterable[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            yield row if isinstance(row, dict) else {INVALID_LINE: line.strip()[:160]}
+
+
+def _text(value) -> str | None:
+    return (value.strip() or None) if isinstance(value, str) else None
 
 
 def gsm8k_rows(rows: Iterable[dict], bad: BadRows) -> list[dict[str, str]]:
@@ -64,7 +89,10 @@ def gsm8k_rows(rows: Iterable[dict], bad: BadRows) -> list[dict[str, str]]:
     annotations (`<<48/2=24>>`) removed."""
     out = []
     for i, row in enumerate(rows):
-        question, solution = row.get("question"), row.get("answer")
+        if INVALID_LINE in row:
+            bad.add("not a JSON object", i, row)
+            continue
+        question, solution = _text(row.get("question")), _text(row.get("answer"))
         if not question:
             bad.add("missing question", i, row)
             continue
@@ -76,7 +104,7 @@ def gsm8k_rows(rows: Iterable[dict], bad: BadRows) -> list[dict[str, str]]:
         if answer is None:
             bad.add("non-numeric answer", i, row)
             continue
-        out.append({"prompt": question.strip(), "answer": answer,
+        out.append({"prompt": question, "answer": answer,
                     "reasoning": _CALCULATOR.sub("", reasoning).strip()})
     return out
 
@@ -88,15 +116,19 @@ def math500_rows(rows: Iterable[dict], bad: BadRows) -> list[dict[str, str]]:
 
     out = []
     for i, row in enumerate(rows):
-        problem, answer = row.get("problem"), row.get("answer")
+        if INVALID_LINE in row:
+            bad.add("not a JSON object", i, row)
+            continue
+        problem, answer, solution = _text(row.get("problem")), row.get("answer"), _text(row.get("solution"))
         if not problem:
             bad.add("missing problem", i, row)
             continue
-        if answer is None and row.get("solution"):
-            answer = last_boxed(row["solution"])
-        if answer is None or not str(answer).strip():
+        if answer is None and solution:
+            answer = last_boxed(solution)
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not _text(answer):
             bad.add("missing answer", i, row)
             continue
-        out.append({"prompt": problem.strip(), "answer": str(answer).strip(),
-                    "reasoning": (row.get("solution") or "").strip()})
+        out.append({"prompt": problem, "answer": answer.strip(), "reasoning": solution or ""})
     return out
