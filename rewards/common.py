@@ -50,12 +50,19 @@ def column(kwargs: dict, names: Sequence[str], n: int, reward: str) -> list:
     )
 
 
+_WARNED: set = set()
+SCORED_NOTES = ("correct", "wrong", "no_answer", "too_long", "passed", "failed")  # notes of scorable samples
+
+
 def report(name: str, rewards: list[float | None], notes: Counter, log_metric: Callable | None = None) -> None:
     """Log the unscorable count of one call (warning) and the notes (debug); forward the rate to TRL's metrics."""
     missing = sum(r is None for r in rewards)
     if missing:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(notes.items()))
-        logger.warning("%s: %d of %d samples not scorable, reward None (%s).", name, missing, len(rewards), counts)
+        reasons = (name, frozenset(k for k in notes if k not in SCORED_NOTES))
+        log = logger.debug if reasons in _WARNED else logger.warning  # once per reward and set of reasons
+        _WARNED.add(reasons)
+        log("%s: %d of %d samples not scorable, reward None (%s).", name, missing, len(rewards), counts)
     logger.debug("%s: %s", name, dict(notes))
     if log_metric is not None and rewards:
         log_metric(f"reward/{name}_unscorable", missing / len(rewards))

@@ -132,14 +132,14 @@ def score(gold, text: str, source: str = "text", max_chars: int | None = MAX_CHA
     Raises whatever math-verify raises (the pool reports it as an error, i.e. not scorable).
     """
     kind, gold_text = gold_answer(gold)
+    gold_parsed = _parse_gold(gold_text)  # first: an unusable gold answer is an error, never a silent 0
+    if not gold_parsed:
+        raise ValueError(f"math-verify cannot parse the gold answer {gold_text[:100]!r}")
     preds = candidates(text, source, kind)
     if not preds:
         return 0.0, "no_answer"
     if max_chars is not None and all(len(p) > max_chars for p in preds):
         return 0.0, "too_long"
-    gold_parsed = _parse_gold(gold_text)
-    if not gold_parsed:
-        raise ValueError(f"math-verify cannot parse the gold answer {gold_text[:100]!r}")
     note = "no_answer"
     for pred in preds:
         if max_chars is not None and len(pred) > max_chars:

@@ -49,6 +49,8 @@ class HeldOutEvalCallback(TrainerCallback):
             self.run(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if getattr(self.trainer, "stop_signal", None):  # SIGTERM/Ctrl-C: save and leave, no evaluation
+            return
         self.run(state.global_step)
 
     @torch.no_grad()
