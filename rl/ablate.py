@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,7 +107,10 @@ def run_all(ablation: Ablation, extra_args: list[str] | None = None) -> list[dic
             logger.info("[%d/%d] %s seed %d: already finished, skipped.", i + 1, total, arm, seed)
             runs.append({"arm": arm, "seed": seed, "status": "done"})
             continue
-        os.makedirs(out, exist_ok=True)
+        if os.path.isdir(out):  # an unfinished run: start it over (its step logs would mix with the new ones)
+            logger.info("[%d/%d] %s seed %d: removing the unfinished run in %s.", i + 1, total, arm, seed, out)
+            shutil.rmtree(out)
+        os.makedirs(out)
         path = os.path.join(out, "run_recipe.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(run_recipe(ablation, arm, seed), f, sort_keys=False)

@@ -92,6 +92,10 @@ def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: Lora
         peft_config=lora.peft_config() if lora.use_peft else None, heldout_dataset=heldout,
         rows_skipped=data.bad_rows.total,
     )
+    acc = trainer.accelerator
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    zero = f" (ZeRO stage {plugin.zero_stage})" if plugin is not None else ""
+    logger.info("Distributed: %s%s, %d process(es).", acc.distributed_type.value, zero, acc.num_processes)
     if checkpoint:
         logger.info("Resuming from checkpoint %s.", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)

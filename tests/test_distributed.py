@@ -68,6 +68,7 @@ def test_two_process_ddp_grpo_runs_two_steps(tmp_path, model_dir):
     assert os.path.exists(out / "final" / "adapter_model.safetensors")
     assert os.path.exists(out / "final" / "recipe.yaml")
     assert "eval/accuracy" in proc.stdout + proc.stderr
+    assert "Distributed: MULTI_CPU, 2 process(es)." in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -88,5 +89,5 @@ def test_two_process_deepspeed_zero2_grpo_runs_two_steps(tmp_path, model_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     logs = sorted(os.path.basename(p) for p in glob.glob(str(out / "rollouts" / "*.jsonl")))
     assert logs == [f"step{s:06d}_rank{r}.jsonl" for s in (0, 1) for r in (0, 1)], logs
-    assert "DeepSpeed" in proc.stdout + proc.stderr or "deepspeed" in proc.stdout + proc.stderr
+    assert "Distributed: DEEPSPEED (ZeRO stage 2), 2 process(es)." in proc.stdout + proc.stderr
     assert os.path.exists(out / "final" / "recipe.yaml")
