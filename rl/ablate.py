@@ -265,7 +265,8 @@ def plot(curves: dict, folder: str, title: str, smooth: int = 5) -> str:
         _band(axes[0, 1], [[n for _, _, n in e] for e in ev], [[a for _, a, _ in e] for e in ev], arm, color)
         tr = [c["train"] for c in runs]
         k = max(1, smooth)
-        smoothed = [[statistics.fmean(r for _, r, _ in t[max(0, j - k + 1): j + 1]) for j in range(len(t))] for t in tr]
+        smoothed = [[statistics.fmean(r for _, r, _ in t[max(0, j - k + 1) : j + 1]) for j in range(len(t))]
+                    for t in tr]
         _band(axes[1, 0], [[s + 1 for s, _, _ in t] for t in tr], smoothed, arm, color)
         _band(axes[1, 1], [[n for _, _, n in t] for t in tr], smoothed, arm, color)
     labels = [("optimizer step", "held-out accuracy"), ("cumulative rollout NFE (row forwards)", "held-out accuracy"),

@@ -164,8 +164,9 @@ def grpo_step(model, tokenizer_texts, args, device, bf16: bool) -> dict:
     R, A = args.reasoning_length, args.answer_length
     with tempfile.TemporaryDirectory() as out:
         config = DiffusionGRPOConfig(
-            output_dir=out, use_cpu=not str(device).startswith("cuda"), bf16=bf16, per_device_train_batch_size=args.rows,
-            num_generations=args.rows, max_steps=1, reasoning_length=R, answer_length=A, block_length=args.block_length,
+            output_dir=out, use_cpu=not str(device).startswith("cuda"), bf16=bf16,
+            per_device_train_batch_size=args.rows, num_generations=args.rows, max_steps=1, reasoning_length=R,
+            answer_length=A, block_length=args.block_length,
             policy="med", med_lambda=args.med_lambda, learning_rate=1e-5, beta=0.0, report_to=[], save_strategy="no",
             logging_steps=1, gradient_checkpointing=True, trajectory_buckets=4, seed=args.seed, rollout_log_dir="",
         )
@@ -226,7 +227,8 @@ def main(argv=None) -> dict:
               "model": f"random Gemma3 bidirectional, {'tiny' if args.tiny else '8B-shaped'}",
               "params_billion": round(params / 1e9, 3), "dtype": str(dtype).replace("torch.", ""),
               "rows": args.rows, "tokens": args.tokens}
-    result["ms_per_nfe"] = round(ms_per_forward(adapter, len(tokenizer), args.rows, args.tokens, args.repeats, device), 2)
+    ms = ms_per_forward(adapter, len(tokenizer), args.rows, args.tokens, args.repeats, device)
+    result["ms_per_nfe"] = round(ms, 2)
 
     template = TemplateConfig(reasoning_length=args.reasoning_length, answer_length=args.answer_length)
     canvas = build_canvas(tokenizer, [r["prompt"] for r in rows[: args.rows]], template, adapter.mask_id,
