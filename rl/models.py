@@ -107,11 +107,33 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
-def load_pretrained(name_or_path: str, trust_remote_code: bool = False, dtype: str = "auto"):
+def quantization_config(load_in_4bit: bool, dtype: str = "auto"):
+    """bitsandbytes NF4 config for QLoRA-style training of 8B policies (None when off). Needs CUDA and the
+    `bitsandbytes` package; the error says which is missing."""
+    if not load_in_4bit:
+        return None
+    if not torch.cuda.is_available():
+        raise ValueError("load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); set load_in_4bit: false on CPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ValueError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES[dtype] if dtype not in ("auto", "float32") else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, dtype: str = "auto",
+                    load_in_4bit: bool = False):
     """AutoModelForCausalLM, falling back to AutoModel (Dream's remote code registers only that)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
+    quant = quantization_config(load_in_4bit, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except ValueError as err:

@@ -28,6 +28,8 @@ class PolicyModelArgs:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local dir of the policy."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (None: the model's)."})
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base weights in 4-bit NF4 (bitsandbytes, "
+                                                                "CUDA only) and train LoRA on top (QLoRA)."})
     cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process when training on CPU (0: the "
                                                           "machine's cores shared by the local processes; accelerate "
                                                           "launch otherwise sets 1)."})
@@ -63,11 +65,13 @@ def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: Lora
     resume = resume or ResumeArgs()
     checkpoint = resolve_resume(args.output_dir, resume.resume, resume.fresh_if_no_checkpoint,
                                 args.resume_from_checkpoint)  # before any loading: a bad request fails fast
+    if model_cfg.load_in_4bit and not lora.use_peft:
+        raise ValueError("load_in_4bit trains LoRA adapters on frozen 4-bit weights: set use_peft: true.")
     set_cpu_threads(model_cfg.cpu_threads, args.use_cpu)
     reward_funcs = get_rewards(rewards.rewards)  # unknown names fail here, before any model is loaded
     path = model_cfg.model_name_or_path
     tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path or path, args.trust_remote_code)
-    model = load_pretrained(path, args.trust_remote_code, model_cfg.dtype)
+    model = load_pretrained(path, args.trust_remote_code, model_cfg.dtype, model_cfg.load_in_4bit)
     data = load_task(task, split=task.split or "train")
     if args.chat_prompts:
         system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
