@@ -22,7 +22,8 @@ def test_dotted_paths():
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"Unknown outcome reward 'acuracy'.*answer_format, answer_likelihood, code, .*math"):
+    listed = r"Unknown outcome reward 'acuracy'.*answer_format, answer_likelihood, code, .*math"
+    with pytest.raises(ValueError, match=listed):
         get_reward("acuracy")
     with pytest.raises(ValueError, match=r"importing it failed \(ModuleNotFoundError.*Registered: answer_format"):
         get_reward("no_such_pkg.rewards:fn")
