@@ -122,8 +122,9 @@ def test_ctrl_c_asks_for_a_checkpoint_at_the_step_end_and_a_second_one_stops_at_
 
     one_process = SimpleNamespace(num_processes=1, is_main_process=True, device="cpu")
     stop, control, state = StopOnSignal(one_process), TrainerControl(), TrainerState()
-    before = signal.getsignal(signal.SIGINT)
-    assert before is signal.default_int_handler
+    outer = signal.getsignal(signal.SIGINT)  # whatever earlier tests or libraries left installed
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    before = signal.default_int_handler
     stop.on_train_begin(None, state, control)
     try:
         os.kill(os.getpid(), signal.SIGINT)  # deferred: training goes on to the end of the step
@@ -135,7 +136,9 @@ def test_ctrl_c_asks_for_a_checkpoint_at_the_step_end_and_a_second_one_stops_at_
             time.sleep(1)
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGINT) is before
+        restored = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, outer)
+    assert restored is before
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error_or_starts_fresh(tmp_path):
