@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -134,3 +135,17 @@ def save_scratch_policy(path, texts, seed: int = 0) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the cores are shared with other jobs (autouse where imported)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def text_hash(completions, **kwargs):
+    """A deterministic reward with variance on an untrained model: a hash of the completion text in [0, 1)."""
+    return [sum(map(ord, c)) % 13 / 13 for c in completions]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from doubles import EOS, tiny_model, tiny_tokenizer
+from doubles import EOS, one_thread, text_hash, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
 
 from rl.config import DiffusionGRPOConfig, DiffusionRLOOConfig
 from rl.tasks import TaskConfig, load_task
@@ -17,19 +17,6 @@ from rl.trainer import DiffusionGRPOTrainer, DiffusionRLOOTrainer
 WORDS = "one two three four plus is The answer".split()
 PROMPTS = [f"{a} plus {b} is" for a in ("one", "two") for b in ("one", "two")]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def text_hash(completions, **kwargs):
-    """Deterministic reward with variance on an untrained model."""
-    return [sum(map(ord, c)) % 13 / 13 for c in completions]
 
 
 def constant(completions, **kwargs):

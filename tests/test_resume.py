@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
-from doubles import save_scratch_policy, tiny_model, tiny_tokenizer
+from doubles import one_thread, save_scratch_policy, text_hash, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
 from trl.trainer.utils import RepeatSampler
 
 from rl.checkpoint import STATE_NAME, EpochSampler, StopOnSignal, is_complete, last_checkpoint, resolve_resume
@@ -26,19 +26,6 @@ TESTS = os.path.join(ROOT, "tests")
 TASK = dict(test_size=8, train_size=16, min_ops=1, max_ops=1, max_operand=5, max_multiplier=2, max_result=10)
 WORDS = "one two three four plus is The answer".split()
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def text_hash(completions, **kwargs):
-    """A deterministic reward with variance on an untrained model: a hash of the completion text in [0, 1)."""
-    return [sum(map(ord, c)) % 13 / 13 for c in completions]
 
 
 # In-process: the trainers on a tiny random model --------------------------------------------------------------------
