@@ -51,6 +51,10 @@ class DiffusionArgs:
     trajectory_sample_steps: bool = field(default=False, metadata={
         "help": "trajectory: score S decode steps drawn at random per row and round, each from its exact state "
                 "(other tokens sit out that update), instead of S contiguous buckets scored from their first state."})
+    loss_on_answer: bool = field(default=True, metadata={
+        "help": "infill layout: keep the answer block's tokens in the loss. False trains the reasoning only: the "
+                "answer block stays the SFT model's reader of the reasoning, so an outcome reward cannot teach it to "
+                "guess answers that ignore the reasoning (its tokens still decide the reward)."})
     prompt_mask_prob: float = field(default=0.15, metadata={"help": "mean_field: prompt masking probability."})
     dense_coef: float = field(default=0.0, metadata={"help": "Weight of the per-token phi shaping term in the "
                                                              "advantage; 0 is outcome-only."})
@@ -81,6 +85,8 @@ class DiffusionArgs:
             raise ValueError(f"dense_credit={self.dense_credit!r}; use 'return_to_go' or 'immediate'.")
         if self.dense_coef < 0:
             raise ValueError(f"dense_coef must be >= 0, got {self.dense_coef}.")
+        if not self.loss_on_answer and self.layout != "infill":
+            raise ValueError("loss_on_answer=False needs layout='infill': the 'plain' layout has no answer block.")
         if self.dense_coef > 0 and self.layout != "infill":
             raise ValueError("dense_coef > 0 needs layout='infill': phi is read from the answer block.")
         if self.heldout_eval_steps < 0 or self.heldout_size < 1:

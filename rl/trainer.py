@@ -259,6 +259,8 @@ class DiffusionMixin(ResumableMixin):
         device = output["completion_ids"].device
         scored = out.generated  # loss only on tokens the sampler decoded (and, with sampled steps, at those steps)
         scored = scored & ~self._nonfinite.to(scored.device)[:, None]  # rows that met non-finite logits: none
+        if not self.args.loss_on_answer and out.answer is not None:
+            scored[:, out.answer] = False  # train the reasoning only; the answer block still sets the reward
         if "score_steps" in self._trace:
             steps = self._trace["score_steps"]
             scored = scored & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)

@@ -102,7 +102,8 @@ def test_rloo_with_lora_moves_only_adapter_weights(tmp_path):
 
 def test_bad_diffusion_settings_are_rejected(tmp_path):
     for bad in ({"logprob_estimator": "exact"}, {"dense_credit": "x"}, {"dense_coef": -1.0},
-                {"block_length": 3}, {"trajectory_buckets": 0}, {"policy": "nope"}, {"exit_gamma": -1.0}):
+                {"block_length": 3}, {"trajectory_buckets": 0}, {"policy": "nope"}, {"exit_gamma": -1.0},
+                {"layout": "plain", "loss_on_answer": False}):
         with pytest.raises(ValueError):
             setup(tmp_path, **bad)
 
@@ -150,3 +151,24 @@ def test_sampled_trajectory_steps_set_the_loss_mask_and_normaliser(tmp_path):
     assert (a[~chosen] == 0).all()
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_loss_on_answer_false_keeps_the_answer_block_out_of_the_loss_but_not_the_reward(tmp_path):
+    tok, model, ds, args = setup(tmp_path, loss_on_answer=False, trajectory_sample_steps=True, trajectory_buckets=3)
+    def exact(completions, answer_texts, answer, **kwargs):
+        return [float(t.strip() == a) for t, a in zip(answer_texts, answer)]
+
+    trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[exact], args=args, train_dataset=ds,
+                                   processing_class=tok)
+    inputs = [dict(x) for x in ds.select(range(4)) for _ in range(4)]
+    batch = trainer._generate_and_score_completions(inputs)
+    out, steps = trainer._rollout, batch["score_steps"]
+    assert out.generated[:, out.answer].all()  # the answer block was decoded ...
+    assert not batch["tool_mask"][:, out.answer].any()  # ... but sits out of the loss
+    reasoning = out.generated & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
+    reasoning[:, out.answer] = False
+    assert torch.equal(batch["tool_mask"].bool(), reasoning) and reasoning.any()
+    assert int(batch["num_items_in_batch"]) == int(reasoning.sum())
+    texts = trainer._answer_texts()  # the reward still reads the decoded answer block
+    expected = [float(t.strip() == x["answer"]) for t, x in zip(texts, inputs)]
+    assert torch.allclose(trainer._last_rewards[:, 0], torch.tensor(expected))
