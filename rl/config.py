@@ -31,6 +31,10 @@ class DiffusionArgs:
     block_length: int | None = field(default=None, metadata={"help": "Semi-AR block length over the reasoning "
                                                                      "block (must divide reasoning_length)."})
     exit_gamma: float | None = field(default=None, metadata={"help": "Early exit when H_UB < exit_gamma (nats)."})
+    answer_temperature: float | None = field(default=None, metadata={
+        "help": "Rollout temperature of the answer block (None: `temperature`); 0 commits the answer the reasoning "
+                "makes most likely. Needs loss_on_answer: false (its tokens are not drawn at the trained "
+                "temperature)."})
     prune_phi: float | None = field(default=None, metadata={
         "help": "Prune a rollout once phi(t) < prune_phi (nats, < 0): the gold answer has become nearly impossible, "
                 "so the row is confidently wrong; it commits its answer at once (scored as usual). None: off."})
@@ -85,6 +89,11 @@ class DiffusionArgs:
             raise ValueError(f"dense_credit={self.dense_credit!r}; use 'return_to_go' or 'immediate'.")
         if self.dense_coef < 0:
             raise ValueError(f"dense_coef must be >= 0, got {self.dense_coef}.")
+        if self.answer_temperature not in (None, self.temperature) and self.loss_on_answer:
+            raise ValueError(f"answer_temperature={self.answer_temperature} differs from "
+                             f"temperature={self.temperature}: the loss would score answer tokens under a "
+                             "distribution they were not drawn from. Set loss_on_answer: false (train the reasoning "
+                             "only) or drop answer_temperature.")
         if not self.loss_on_answer and self.layout != "infill":
             raise ValueError("loss_on_answer=False needs layout='infill': the 'plain' layout has no answer block.")
         if self.dense_coef > 0 and self.layout != "infill":
@@ -103,7 +112,8 @@ class DiffusionArgs:
     def heldout_sampler_config(self) -> SamplerConfig:
         """The held-out evaluation sampler: the rollout sampler with `heldout_policy` and `heldout_temperature`."""
         return dataclasses.replace(self.sampler_config(), policy=self.heldout_policy or self.policy,
-                                   temperature=self.heldout_temperature, prune_phi=None)  # no gold-answer peeking
+                                   temperature=self.heldout_temperature, answer_temperature=None,
+                                   prune_phi=None)  # no gold-answer peeking
 
     def template_config(self) -> TemplateConfig:
         names = {f.name for f in dataclasses.fields(TemplateConfig)} - {"chat_template", "max_prompt_length"}

@@ -36,10 +36,15 @@ class ModelConfig:
         default=False, metadata={"help": "Run the model repo's own code (needed by LLaDA and Dream). Opt-in only."}
     )
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+    cpu_threads: int = field(default=0, metadata={"help": "Torch threads on CPU (0: the machine's cores shared by the "
+                                                          "local processes). Use 1 per job when running jobs side by "
+                                                          "side on a small machine."})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; use one of {', '.join(DTYPES)}.")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0 (0: all cores), got {self.cpu_threads}.")
 
 
 @dataclass
@@ -159,6 +164,7 @@ def load_for_inference(config: ModelConfig, device: str | torch.device):
     """(model, tokenizer) ready for sampling: adapters merged into the base, eval mode, on `device`."""
     if not config.model_name_or_path:
         raise ValueError("Set model_name_or_path to the model directory (or hub id) to evaluate.")
+    set_cpu_threads(config.cpu_threads, use_cpu=torch.device(device).type == "cpu")
     path, adapter = config.model_name_or_path, config.adapter_path
     base = adapter_base(path)
     if base is not None:

@@ -42,6 +42,9 @@ class SamplerConfig(PolicyConfig):
     """Semi-AR block length over the reasoning block; None (or R) decodes the reasoning in any order."""
     temperature: float = 0.0
     """Sampling temperature; 0 is greedy. Scores, H_UB and phi always use T = 1."""
+    answer_temperature: float | None = None
+    """Temperature of the answer block's tokens (None: `temperature`). 0 commits the answer the reasoning makes most
+    likely, so an RL reward judges the reasoning rather than a draw of the answer."""
     exit_gamma: float | None = None
     """Early exit when the answer block's entropy sum H_UB < exit_gamma (nats). None disables it."""
     prune_phi: float | None = None
@@ -55,6 +58,8 @@ class SamplerConfig(PolicyConfig):
             raise ValueError(f"block_length must be >= 1 or None, got {self.block_length}.")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if self.answer_temperature is not None and not self.answer_temperature >= 0:
+            raise ValueError(f"answer_temperature must be >= 0 or None, got {self.answer_temperature}.")
         if self.exit_gamma is not None and not self.exit_gamma > 0:
             raise ValueError(f"exit_gamma must be > 0 (an entropy in nats) or None, got {self.exit_gamma}.")
         if self.prune_phi is not None and not self.prune_phi < 0:
@@ -193,6 +198,19 @@ def _draw(logits: torch.Tensor, rows: torch.Tensor, generators: list[torch.Gener
     return tokens, logp.float()
 
 
+def _draw_split(logits, rows, in_answer, generators, config: SamplerConfig):
+    """`_draw` at `config.temperature`, and at `config.answer_temperature` for answer-block selections."""
+    answer_t = config.answer_temperature
+    if answer_t is None or answer_t == config.temperature or not in_answer.any():
+        return _draw(logits, rows, generators, config.temperature)
+    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    logps = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
+    for part, temperature in ((~in_answer, config.temperature), (in_answer, answer_t)):
+        if part.any():
+            tokens[part], logps[part] = _draw(logits[part], rows[part], generators, temperature)
+    return tokens, logps
+
+
 @torch.no_grad()
 def sample(
     adapter: MDLMAdapter,
@@ -272,7 +290,7 @@ def sample(
         exit_step[active[exiting & reasoning_left]] = t[exiting & reasoning_left]
 
         r_idx, c_idx = torch.nonzero(chosen, as_tuple=True)  # row-major: grouped by row, columns ascending
-        tokens, logps = _draw(logits[r_idx, c_idx], active[r_idx], generators, config.temperature)
+        tokens, logps = _draw_split(logits[r_idx, c_idx], active[r_idx], answer_cols[c_idx], generators, config)
         rows = active[r_idx]
         ids[rows, g0 + c_idx] = tokens
         decode_step[rows, c_idx] = t[r_idx]

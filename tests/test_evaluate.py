@@ -112,3 +112,14 @@ def test_model_without_mask_token_is_a_clear_error(tmp_path, model_dir):
     with pytest.raises(ValueError, match="no mask token"):
         script.main(["--model_name_or_path", str(path), "--test_size", "7",
                      "--output_file", str(tmp_path / "x.jsonl")])
+
+
+def test_cpu_threads_sets_torch_threads_and_rejects_negatives(model_dir):
+    with pytest.raises(ValueError, match="cpu_threads"):
+        ModelConfig(model_name_or_path=model_dir, cpu_threads=-1)
+    before = torch.get_num_threads()
+    try:
+        load_for_inference(ModelConfig(model_name_or_path=model_dir, cpu_threads=1), "cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -233,6 +233,30 @@ def test_phi_matches_a_separate_forward_at_every_step():
     assert out.stats["row_forwards"] == int(out.nfe.sum())  # phi cost no extra forward
 
 
+def test_answer_temperature_draws_the_answer_greedily_and_leaves_the_reasoning_draws_alone():
+    adapter, canvas = random_model_setup(batch=6, scale=0.5)  # flat logits: T=1 answers are rarely the argmax
+    config = SamplerConfig(policy="entropy", temperature=1.0, seed=7)
+    hot = sample(adapter, canvas, config)
+    cold = sample(adapter, canvas, dataclasses.replace(config, answer_temperature=0.0))
+    R, g0 = canvas.reasoning, canvas.gen_start
+    assert torch.equal(cold.generation[:, R], hot.generation[:, R])  # same reasoning draws, same streams
+    mismatches = 0
+    for i in range(6):
+        for col in range(canvas.answer.start, canvas.answer.stop):
+            state = cold.state_at(int(cold.decode_step[i, col]))[i]
+            ids = torch.cat([canvas.input_ids[i, :g0], state])[None]
+            with torch.no_grad():
+                logits = adapter.model(input_ids=ids, attention_mask=canvas.attention_mask[i][None]).logits
+            logits = logits[0, g0 + col]
+            logits[MASK] = -math.inf
+            assert int(cold.generation[i, col]) == int(logits.argmax())  # greedy given the state it was decoded in
+            hot_state = hot.state_at(int(hot.decode_step[i, col]))[i]
+            mismatches += not torch.equal(hot_state, state) or int(hot.generation[i, col]) != int(logits.argmax())
+    assert mismatches > 0  # at T=1 some answer tokens were not the argmax: the setting changed something
+    with pytest.raises(ValueError, match="answer_temperature"):
+        SamplerConfig(answer_temperature=-0.5)
+
+
 def test_nfe_accounting_is_exact_and_finished_rows_leave_the_batch():
     adapter, canvas = random_model_setup(batch=4)
     R, A = 8, 3

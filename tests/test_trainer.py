@@ -103,7 +103,7 @@ def test_rloo_with_lora_moves_only_adapter_weights(tmp_path):
 def test_bad_diffusion_settings_are_rejected(tmp_path):
     for bad in ({"logprob_estimator": "exact"}, {"dense_credit": "x"}, {"dense_coef": -1.0},
                 {"block_length": 3}, {"trajectory_buckets": 0}, {"policy": "nope"}, {"exit_gamma": -1.0},
-                {"layout": "plain", "loss_on_answer": False}):
+                {"layout": "plain", "loss_on_answer": False}, {"answer_temperature": 0.0}):
         with pytest.raises(ValueError):
             setup(tmp_path, **bad)
 

@@ -48,7 +48,7 @@ def run_sft(task: TaskConfig, model_cfg: ModelConfig, scratch: ScratchModelConfi
     if lora.use_peft and scratch.from_scratch:
         raise ValueError("use_peft with from_scratch would save an adapter on random, unsaved base weights; "
                          "train the scratch model fully (use_peft: false).")
-    set_cpu_threads(0, args.use_cpu)  # under `accelerate launch` on CPU, one thread per process otherwise
+    set_cpu_threads(model_cfg.cpu_threads, args.use_cpu)  # `accelerate launch` on CPU sets 1 thread otherwise
     data = load_task(task, split=task.split or "train")
     model, tokenizer = build_model_and_tokenizer(model_cfg, scratch, data.dataset, template, args.seed)
     probe = MDLMAdapter.from_pretrained(model, tokenizer)  # fails early and clearly without a mask token
