@@ -10,6 +10,8 @@ and is counted in a warning; it is never silently scored 0.
     [1.0]
     >>> math_accuracy(["<reasoning>"], answer=["#### 18"], answer_texts=["18 dollars"])  # canvas answer block
     [1.0]
+    >>> reasoning_accuracy(["..."], answer=["#### 18"], reasoning_texts=["6 times 3 is 18."])  # reasoning block
+    [1.0]
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class MathReward:
         max_chars: predictions longer than this are not parsed and score 0 (None: no limit).
         memory_bytes: address-space limit of each worker.
         name: the name TRL logs the reward under.
+        read: where the prediction comes from: "answer" (the canvas answer block when the trainer passes
+            `answer_texts`, else the completion text) or "reasoning" (the last boxed value or number of the reasoning
+            block, `reasoning_texts`: scores the chain's own conclusion, whatever the answer block says).
 
     Call columns: `answer` (or `solution`) holds the gold answer: a GSM8K solution ending in `#### N`, a MATH
     solution with `\\boxed{}`, or a bare answer. If `answer_texts` (the decoded answer blocks of the infilling canvas)
@@ -48,8 +53,11 @@ class MathReward:
         max_chars: int | None = MAX_CHARS,
         memory_bytes: int | None = 4 << 30,
         name: str = "math_accuracy",
+        read: str = "answer",
     ):
-        self.timeout, self.num_workers = timeout, num_workers
+        if read not in ("answer", "reasoning"):
+            raise ValueError(f"read={read!r}; use 'answer' or 'reasoning'.")
+        self.timeout, self.num_workers, self.read = timeout, num_workers, read
         self.max_chars, self.memory_bytes = max_chars, memory_bytes
         self.__name__ = name
         self.totals: Counter = Counter()  # cumulative notes and failure statuses over all calls
@@ -60,11 +68,19 @@ class MathReward:
 
     def __repr__(self) -> str:
         settings = f"timeout={self.timeout}, num_workers={self.num_workers}, max_chars={self.max_chars}"
-        return f"MathReward({settings}, name={self.__name__!r})"
+        return f"MathReward({settings}, name={self.__name__!r}, read={self.read!r})"
 
-    def __call__(self, completions: list, answer_texts: list[str] | None = None, log_metric=None, **kwargs):
+    def __call__(self, completions: list, answer_texts: list[str] | None = None,
+                 reasoning_texts: list[str] | None = None, log_metric=None, **kwargs):
         golds = column(kwargs, GOLD_COLUMNS, len(completions), self.__name__)
-        if answer_texts is not None:
+        if self.read == "reasoning":
+            if reasoning_texts is None:
+                raise ValueError(f"{self.__name__} reads the reasoning block: it needs `reasoning_texts`, which the "
+                                 "diffusion trainers pass on the 'infill' layout. Use 'math' for other completions.")
+            texts, source = list(reasoning_texts), "text"
+            if len(texts) != len(completions):
+                raise ValueError(f"{self.__name__}: {len(texts)} reasoning_texts for {len(completions)} completions.")
+        elif answer_texts is not None:
             texts, source = list(answer_texts), "block"
             if len(texts) != len(completions):
                 raise ValueError(f"{self.__name__}: {len(texts)} answer_texts for {len(completions)} completions.")
@@ -87,3 +103,4 @@ class MathReward:
 
 
 math_accuracy = MathReward()
+reasoning_accuracy = MathReward(name="reasoning_accuracy", read="reasoning")

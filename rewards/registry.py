@@ -20,7 +20,7 @@ import torch
 from rewards.code_reward import code_tests
 from rewards.format_reward import answer_format
 from rewards.intrinsic import answer_likelihood, neg_h_ub, phi_final, phi_token_credit
-from rewards.math_reward import math_accuracy
+from rewards.math_reward import math_accuracy, reasoning_accuracy
 
 REWARDS: dict[str, Callable] = {
     "math": math_accuracy,
@@ -29,6 +29,8 @@ REWARDS: dict[str, Callable] = {
     "answer_format": answer_format,
     "code": code_tests,
     "code_tests": code_tests,
+    "reasoning_math": reasoning_accuracy,  # the reasoning block's own conclusion (its last number or boxed value)
+    "reasoning_accuracy": reasoning_accuracy,
     "answer_likelihood": answer_likelihood,  # exp(phi_T): the gold answer's probability given the reasoning
 }
 

@@ -209,8 +209,11 @@ class DiffusionMixin(ResumableMixin):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         phi_final = self._rollout.phi_final.tolist() if self._rollout.phi is not None else [None] * len(inputs)
-        for x, text, phi in zip(inputs, self._answer_texts(), phi_final, strict=True):
+        reasoning = self._block_texts(self._rollout.reasoning) if self._rollout.answer is not None else None
+        for i, (x, text, phi) in enumerate(zip(inputs, self._answer_texts(), phi_final, strict=True)):
             x["answer_texts"] = text  # rewards read the answer block, not the free text
+            if reasoning is not None:
+                x["reasoning_texts"] = reasoning[i]  # `reasoning_math` scores the chain's own conclusion
             x["phi_final"] = phi  # phi_T, for the soft outcome reward `answer_likelihood`
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # [B_global, F]
         rewards = self._screen_rewards(rewards)

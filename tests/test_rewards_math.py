@@ -7,7 +7,7 @@ import pytest
 
 from rewards.format_reward import FormatReward, answer_format
 from rewards.math_answer import after_delimiter, candidates, gold_answer, last_boxed, last_number
-from rewards.math_reward import math_accuracy
+from rewards.math_reward import MathReward, math_accuracy, reasoning_accuracy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -90,6 +90,22 @@ def test_answer_texts_take_precedence_over_the_completion():
     golds = ["18", "18", "18", "18"]
     blocks = ["18 dollars", r"\frac{36}{2}", "$18.00", "17 or 19"]
     assert math_accuracy(["..."] * 4, answer=golds, answer_texts=blocks) == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_reasoning_reward_scores_the_chains_conclusion_not_the_answer_block():
+    reasoning = ["Start with 2. Add 2 to get 4.", "Start with 2. Add 2 to get 5.", r"So it is \boxed{4} in all.", ""]
+    golds = ["4"] * 4
+    blocks = ["5", "4", "5", "4"]  # the answer block disagrees with every chain: it must not matter
+    assert reasoning_accuracy(["..."] * 4, answer=golds, answer_texts=blocks, reasoning_texts=reasoning) == [
+        1.0, 0.0, 1.0, 0.0]
+    assert math_accuracy(["..."] * 4, answer=golds, answer_texts=blocks, reasoning_texts=reasoning) == [
+        0.0, 1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="needs `reasoning_texts`"):
+        reasoning_accuracy(["4"], answer=["4"])
+    with pytest.raises(ValueError, match="1 reasoning_texts for 2 completions"):
+        reasoning_accuracy(["4", "4"], answer=["4", "4"], reasoning_texts=["4"])
+    with pytest.raises(ValueError, match="read="):
+        MathReward(read="prompt")
 
 
 def test_chat_completions_and_no_answer():

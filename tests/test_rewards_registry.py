@@ -13,6 +13,8 @@ def test_names_resolve():
     names = [f.__name__ for f in get_rewards(["math", "format", "code"])]
     assert names == ["math_accuracy", "answer_format", "code_tests"]
     assert get_intrinsic_reward("phi_return_to_go") is registry.phi_return_to_go
+    assert get_reward("reasoning_math") is get_reward("reasoning_accuracy")
+    assert get_reward("reasoning_math").read == "reasoning" and get_reward("math").read == "answer"
 
 
 def test_dotted_paths():

@@ -172,3 +172,22 @@ def test_loss_on_answer_false_keeps_the_answer_block_out_of_the_loss_but_not_the
     texts = trainer._answer_texts()  # the reward still reads the decoded answer block
     expected = [float(t.strip() == x["answer"]) for t, x in zip(texts, inputs)]
     assert torch.allclose(trainer._last_rewards[:, 0], torch.tensor(expected))
+
+
+def test_rewards_see_the_decoded_reasoning_block(tmp_path):
+    tok, model, ds, args = setup(tmp_path)
+    seen = {}
+
+    def record(completions, answer_texts, reasoning_texts, **kwargs):
+        seen["reasoning"], seen["answers"] = list(reasoning_texts), list(answer_texts)
+        return [0.0] * len(completions)
+
+    trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[record], args=args, train_dataset=ds,
+                                   processing_class=tok)
+    trainer._generate_and_score_completions([dict(x) for x in ds.select(range(4)) for _ in range(4)])
+    out = trainer._rollout
+    assert seen["reasoning"] == trainer._block_texts(out.reasoning) and len(seen["reasoning"]) == 16
+    assert seen["answers"] == trainer._answer_texts()
+    words = set(WORDS) | {"[MASK]"}
+    assert all(set(t.split()) <= words for t in seen["reasoning"])  # decoded text of the reasoning columns only
+    assert any(t.strip() for t in seen["reasoning"])
