@@ -209,11 +209,10 @@ class DiffusionMixin(ResumableMixin):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         phi_final = self._rollout.phi_final.tolist() if self._rollout.phi is not None else [None] * len(inputs)
-        reasoning = self._block_texts(self._rollout.reasoning) if self._rollout.answer is not None else None
-        for i, (x, text, phi) in enumerate(zip(inputs, self._answer_texts(), phi_final, strict=True)):
+        self._texts = self._answer_texts(), self._block_texts(self._rollout.reasoning)  # decoded once, logged too
+        for x, text, reasoning, phi in zip(inputs, *self._texts, phi_final, strict=True):
             x["answer_texts"] = text  # rewards read the answer block, not the free text
-            if reasoning is not None:
-                x["reasoning_texts"] = reasoning[i]  # `reasoning_math` scores the chain's own conclusion
+            x["reasoning_texts"] = reasoning  # `reasoning_math` scores the chain's own conclusion
             x["phi_final"] = phi  # phi_T, for the soft outcome reward `answer_likelihood`
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # [B_global, F]
         rewards = self._screen_rewards(rewards)
@@ -309,7 +308,7 @@ class DiffusionMixin(ResumableMixin):
             weights = self.reward_weights.to(rewards.device, rewards.dtype)
             total = (rewards * weights).nansum(-1).masked_fill(torch.isnan(rewards).all(-1), NAN)
             m["reward/outcome"].append(float(total.nanmean()))
-        texts, reasoning = self._answer_texts(), self._block_texts(out.reasoning)
+        texts, reasoning = self._texts  # this rollout's decoded blocks (`_calculate_rewards`)
         self._count_degenerate(out, mode, texts, reasoning)
         if self.args.rollout_log_dir == "" or mode != "train":
             return
