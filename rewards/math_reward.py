@@ -73,17 +73,15 @@ class MathReward:
     def __call__(self, completions: list, answer_texts: list[str] | None = None,
                  reasoning_texts: list[str] | None = None, log_metric=None, **kwargs):
         golds = column(kwargs, GOLD_COLUMNS, len(completions), self.__name__)
-        if self.read == "reasoning":
-            if reasoning_texts is None:
-                raise ValueError(f"{self.__name__} reads the reasoning block: it needs `reasoning_texts`, which the "
-                                 "diffusion trainers pass on the 'infill' layout. Use 'math' for other completions.")
-            texts, source = list(reasoning_texts), "text"
+        block = reasoning_texts if self.read == "reasoning" else answer_texts
+        if self.read == "reasoning" and block is None:
+            raise ValueError(f"{self.__name__} reads the reasoning block: it needs `reasoning_texts`, which the "
+                             "diffusion trainers pass. Use 'math' for completions from other trainers.")
+        if block is not None:
+            texts, source = list(block), "text" if self.read == "reasoning" else "block"
             if len(texts) != len(completions):
-                raise ValueError(f"{self.__name__}: {len(texts)} reasoning_texts for {len(completions)} completions.")
-        elif answer_texts is not None:
-            texts, source = list(answer_texts), "block"
-            if len(texts) != len(completions):
-                raise ValueError(f"{self.__name__}: {len(texts)} answer_texts for {len(completions)} completions.")
+                n, m = len(texts), len(completions)
+                raise ValueError(f"{self.__name__}: {n} {self.read}_texts for {m} completions.")
         else:
             texts, source = [completion_text(c) for c in completions], "text"
         tasks = [("score", gold, text, source, self.max_chars) for gold, text in zip(golds, texts)]
