@@ -400,8 +400,33 @@ class DiffusionMixin(ResumableMixin):
 
     # Likelihood ---------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
+        phi_loss = self._phi_loss(model, inputs)
+        inputs = self._rows_with_signal(inputs)
         self._trace = {k: inputs[k] for k in TRACE_KEYS if k in inputs}
-        return super()._compute_loss(model, inputs) + self._phi_loss(model, inputs)
+        return super()._compute_loss(model, inputs) + phi_loss
+
+    def _skip_is_exact(self) -> bool:
+        """Whether rows with zero advantage add exactly nothing to TRL's loss (so leaving them out is exact)."""
+        return (isinstance(self, GRPOTrainer) and self.loss_type in ("dapo", "cispo") and self.beta == 0.0
+                and self.top_entropy_quantile >= 1.0 and not self._entropy_bonus_enabled
+                and not self.aux_loss_enabled)
+
+    def _rows_with_signal(self, inputs: dict) -> dict:
+        """`inputs` without the rows whose loss tokens all have advantage 0 (`skip_zero_advantage_rows`)."""
+        if not self.args.skip_zero_advantage_rows or not self._skip_is_exact():
+            return inputs
+        adv, mask = inputs["advantages"], inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        adv = adv[:, None].expand_as(mask) if adv.dim() == 1 else adv
+        keep = ((adv != 0) & mask.bool()).any(-1)  # [B]
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["loss/rows_skipped"].append(self._gather_mean(1.0 - keep.float()))
+        if keep.all():
+            return inputs
+        if not keep.any():
+            keep[0] = True  # its terms are 0, but every process must run a forward and backward (DDP, ZeRO)
+        B = len(keep)
+        return {k: v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v
+                for k, v in inputs.items()}
 
     def _phi_loss(self, model, inputs) -> torch.Tensor | float:
         """`phi_loss_coef` x the mean over the selected rows of the gold answer's per-token NLL given the rollout's

@@ -242,3 +242,33 @@ def test_phi_loss_filter_must_be_one_of_the_rewards(tmp_path):
     with pytest.raises(ValueError, match="phi_loss_filter='reasoning_math' is not one of this run's rewards"):
         DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
                              processing_class=tok)
+
+
+def test_skipping_zero_advantage_rows_leaves_loss_and_gradients_unchanged(tmp_path):
+    def first_group_ties(completions, answer_texts, answer, **kwargs):  # group 0 (rows 0-3): identical rewards
+        scores = answer_match(completions, answer_texts, answer)
+        return [1.0 if i < 4 else r for i, r in enumerate(scores)]
+
+    tok, model, ds, args = setup(tmp_path, loss_type="dapo", dense_coef=0.0)
+    trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[first_group_ties], args=args, train_dataset=ds,
+                                   processing_class=tok)
+    batch = trainer._generate_and_score_completions([dict(x) for x in ds.select(range(4)) for _ in range(4)])
+    assert (batch["advantages"][:4] == 0).all() and (batch["advantages"][4:] != 0).any()
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    results = []
+    for skip in (False, True):
+        trainer.args.skip_zero_advantage_rows = skip
+        model.zero_grad()
+        loss = trainer._compute_loss(model, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (full, grads_full), (skipped, grads_skip) = results
+    assert torch.allclose(full, skipped, atol=1e-7) and len(grads_full) == len(grads_skip)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads_full, grads_skip))
+    assert any(a.abs().sum() > 0 for a in grads_full)
+    skipped_share = (batch["advantages"] == 0).float().mean().item()  # group 0, and any other tied group
+    assert skipped_share >= 4 / 16 and trainer._metrics["train"]["loss/rows_skipped"][-1] == pytest.approx(skipped_share)
+    trainer.args.beta = 0.1  # not exact any more (the KL term of a zero-advantage row is not 0): nothing skipped
+    trainer.beta = 0.1
+    assert not trainer._skip_is_exact()
