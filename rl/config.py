@@ -59,14 +59,6 @@ class DiffusionArgs:
         "help": "infill layout: keep the answer block's tokens in the loss. False trains the reasoning only: the "
                 "answer block stays the SFT model's reader of the reasoning, so an outcome reward cannot teach it to "
                 "guess answers that ignore the reasoning (its tokens still decide the reward)."})
-    phi_loss_coef: float = field(default=0.0, metadata={
-        "help": "Weight of an auxiliary answer-reading loss: the gold answer's mean per-token NLL given the rollout's "
-                "reasoning (-phi_T / answer_length, one extra forward) on the rows `phi_loss_filter` accepts. It "
-                "teaches the answer block to read a reasoning that reached the gold answer. 0: off."})
-    phi_loss_filter: str | None = field(default="reasoning_math", metadata={
-        "help": "Reward (one of `rewards`; reward_weights 0 makes it a filter only) whose value > 0 selects the rows "
-                "of the phi loss. The default keeps rows whose reasoning itself concludes the gold answer, so the "
-                "block learns to read the reasoning rather than guess. None: every row with a gold answer."})
     skip_zero_advantage_rows: bool = field(default=True, metadata={
         "help": "GRPO: leave rows without any non-zero advantage in the loss (e.g. groups with identical rewards) out "
                 "of the likelihood forward and backward. Exact - the loss and gradients are unchanged, their terms are "
@@ -109,10 +101,6 @@ class DiffusionArgs:
                              "only) or drop answer_temperature.")
         if not self.loss_on_answer and self.layout != "infill":
             raise ValueError("loss_on_answer=False needs layout='infill': the 'plain' layout has no answer block.")
-        if self.phi_loss_coef < 0:
-            raise ValueError(f"phi_loss_coef must be >= 0, got {self.phi_loss_coef}.")
-        if self.phi_loss_coef > 0 and self.layout != "infill":
-            raise ValueError("phi_loss_coef > 0 needs layout='infill': phi is read from the answer block.")
         if self.dense_coef > 0 and self.layout != "infill":
             raise ValueError("dense_coef > 0 needs layout='infill': phi is read from the answer block.")
         if self.heldout_eval_steps < 0 or self.heldout_size < 1:

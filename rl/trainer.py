@@ -142,7 +142,6 @@ class DiffusionMixin(ResumableMixin):
         self._missing_gold = self._nonfinite = torch.zeros(0, dtype=torch.bool)
         self._warned: set[str] = set()
         self._rows_skipped = rows_skipped or None
-        self._phi_filter = self._phi_filter_index()
         self._init_resume()
         for name in ("trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer"):  # TRL warns at every such step
             log_once(name, "All reward functions returned None")
@@ -155,21 +154,6 @@ class DiffusionMixin(ResumableMixin):
             self.heldout = HeldOutEvalCallback(self, rows, self.args.heldout_sampler_config(),
                                                self.args.heldout_eval_steps, template=template)
             self.add_callback(self.heldout)
-
-    def _phi_filter_index(self) -> int | None:
-        """Column of `phi_loss_filter` among the trainer's reward functions (None: no filter)."""
-        name = self.args.phi_loss_filter
-        if self.args.phi_loss_coef == 0 or not name:
-            return None
-        from rewards.registry import get_reward
-
-        fn = get_reward(name)
-        for i, f in enumerate(self.reward_funcs):
-            if f is fn:
-                return i
-        raise ValueError(f"phi_loss_filter={name!r} is not one of this run's rewards ({', '.join(self.reward_func_names)})"
-                         f": add it to `rewards` (with weight 0 in reward_weights to use it only as the filter), or "
-                         "set phi_loss_filter: null to apply the phi loss to every row.")
 
     def _adapter_for(self, model) -> MDLMAdapter:
         return dataclasses.replace(self._adapter, model=model)
@@ -206,7 +190,7 @@ class DiffusionMixin(ResumableMixin):
         self._nonfinite = nonfinite_rows(canvas, out, adapter.nonfinite_inputs)  # [B]
         if out.phi is not None and self._missing_gold.any():
             out.phi[self._missing_gold.to(out.phi.device)] = NAN  # no gold, no potential: no dense credit
-        self._rollout, self._canvas_report, self._gold = out, canvas.report, canvas.gold
+        self._rollout, self._canvas_report = out, canvas.report
         self._trace = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": seeds.to(out.nfe.device)}
         if self.args.logprob_estimator == "trajectory" and self.args.trajectory_sample_steps:
             self._trace["score_steps"] = trajectory_steps(seeds, out.nfe, self.args.trajectory_buckets)
@@ -295,20 +279,8 @@ class DiffusionMixin(ResumableMixin):
             output["advantages"], share = dense_advantages(output["advantages"], credit, out.generated.to(device),
                                                            self.args.dense_coef)
             self._metrics[mode]["advantage/dense_share"].append(self._gather_mean(torch.tensor([share])))
-        if self.args.phi_loss_coef > 0 and self._gold is not None:
-            output["phi_rows"] = self._phi_rows().long().to(device)
-            output["gold_ids"] = self._gold.to(device)
         self._log_rollout(out, mode)
         return output
-
-    def _phi_rows(self) -> torch.Tensor:
-        """[B] bool: this process's rows of the phi loss (gold answer, finite logits, accepted by the filter)."""
-        rows = ~(self._missing_gold | self._nonfinite)
-        if self._phi_filter is not None:
-            B, rank = len(rows), self.accelerator.process_index
-            accepted = self._last_rewards[rank * B : (rank + 1) * B, self._phi_filter].cpu() > 0  # NaN: rejected
-            rows = rows & accepted
-        return rows
 
     def _gather_mean(self, x: torch.Tensor) -> float:
         x = torch.as_tensor(x, dtype=torch.float32, device=self.accelerator.device).reshape(-1)
@@ -400,10 +372,9 @@ class DiffusionMixin(ResumableMixin):
 
     # Likelihood ---------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
-        phi_loss = self._phi_loss(model, inputs)
         inputs = self._rows_with_signal(inputs)
         self._trace = {k: inputs[k] for k in TRACE_KEYS if k in inputs}
-        return super()._compute_loss(model, inputs) + phi_loss
+        return super()._compute_loss(model, inputs)
 
     def _skip_is_exact(self) -> bool:
         """Whether rows with zero advantage add exactly nothing to TRL's loss (so leaving them out is exact)."""
@@ -427,33 +398,6 @@ class DiffusionMixin(ResumableMixin):
         B = len(keep)
         return {k: v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v
                 for k, v in inputs.items()}
-
-    def _phi_loss(self, model, inputs) -> torch.Tensor | float:
-        """`phi_loss_coef` x the mean over the selected rows of the gold answer's per-token NLL given the rollout's
-        final reasoning (answer block masked: the state the sampler committed the answer from), scaled like TRL's
-        entropy bonus for gradient accumulation. 0 when off or when no row of this micro-batch is selected."""
-        if self.args.phi_loss_coef == 0 or "phi_rows" not in inputs:
-            return 0.0
-        rows = inputs["phi_rows"].bool()
-        mode = "train" if self.model.training else "eval"
-        m = self._metrics[mode]
-        m["phi_loss/row_share"].append(self._gather_mean(rows.float()))
-        if not rows.any():
-            m["phi_loss/nll"].append(self._gather_mean(torch.tensor([NAN])))
-            return 0.0
-        adapter, answer = self._adapter_for(model), self._rollout.answer
-        completion = inputs["completion_ids"][rows]
-        x = torch.cat([inputs["prompt_ids"][rows], completion], dim=1)
-        am = torch.cat([inputs["prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
-        gen_start = x.shape[1] - completion.shape[1]
-        x[:, gen_start + answer.start : gen_start + answer.stop] = adapter.mask_id
-        with self.accelerator.autocast():
-            logits = adapter.logits(x, am, completion.shape[1])[:, answer]  # [n, A, V]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        nll = -logp.gather(-1, inputs["gold_ids"][rows][..., None]).squeeze(-1).mean(-1)  # [n]
-        m["phi_loss/nll"].append(self._gather_mean(nll.detach().mean()[None]))
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        return self.args.phi_loss_coef * nll.mean() / accumulation
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **unused):
@@ -544,4 +488,4 @@ class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
         self._metrics[mode]["entropy"].append((ent[0] / ent[1].clamp(min=1.0)).item())
         clip = ((ratio != clipped).float() * mask).sum() / mask.sum().clamp(min=1.0)
         self._metrics[mode]["clip_ratio/region_mean"].append(self._gather_mean(clip))
-        return loss + self._phi_loss(model, inputs)
+        return loss

@@ -103,8 +103,7 @@ def test_rloo_with_lora_moves_only_adapter_weights(tmp_path):
 def test_bad_diffusion_settings_are_rejected(tmp_path):
     for bad in ({"logprob_estimator": "exact"}, {"dense_credit": "x"}, {"dense_coef": -1.0},
                 {"block_length": 3}, {"trajectory_buckets": 0}, {"policy": "nope"}, {"exit_gamma": -1.0},
-                {"layout": "plain", "loss_on_answer": False}, {"answer_temperature": 0.0},
-                {"phi_loss_coef": -1.0}, {"layout": "plain", "phi_loss_coef": 1.0}):
+                {"layout": "plain", "loss_on_answer": False}, {"answer_temperature": 0.0}):
         with pytest.raises(ValueError):
             setup(tmp_path, **bad)
 
@@ -192,56 +191,6 @@ def test_rewards_see_the_decoded_reasoning_block(tmp_path):
     words = set(WORDS) | {"[MASK]"}
     assert all(set(t.split()) <= words for t in seen["reasoning"])  # decoded text of the reasoning columns only
     assert any(t.strip() for t in seen["reasoning"])
-
-
-def picky(completions, **kwargs):
-    """Filter reward for the phi-loss tests: accepts rows 0, 3, 6, ..., rejects 1, 4, ..., no score for 2, 5, ..."""
-    return [(1.0, 0.0, None)[i % 3] for i in range(len(completions))]
-
-
-def test_phi_loss_is_the_gold_answer_nll_given_the_reasoning_on_the_filtered_rows(tmp_path):
-    from rewards.registry import register_reward
-
-    register_reward("test_picky", picky)
-    tok, model, ds, args = setup(tmp_path, phi_loss_coef=0.5, phi_loss_filter="test_picky", reward_weights=[1.0, 0.0])
-    trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match, picky], args=args, train_dataset=ds,
-                                   processing_class=tok)
-    batch = trainer._generate_and_score_completions([dict(x) for x in ds.select(range(4)) for _ in range(4)])
-    rows = torch.tensor([i % 3 == 0 for i in range(16)])
-    assert torch.equal(batch["phi_rows"].bool(), rows)
-    assert batch["advantages"].dim() == 1  # the filter has weight 0: the outcome advantage is answer_match's alone
-    out = trainer._rollout
-    A = out.answer.stop - out.answer.start
-    # The sampler's phi_T is log p(gold | prompt, final reasoning) with the answer block masked: the loss's state.
-    expected = 0.5 * (-out.phi_final[rows] / A).mean() / 2
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 2  # both set by the training loop
-    model.zero_grad()
-    loss = trainer._phi_loss(model, batch)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    assert trainer._metrics["train"]["phi_loss/row_share"][-1] == pytest.approx(rows.float().mean().item())
-    batch["phi_rows"] = torch.zeros_like(batch["phi_rows"])
-    assert trainer._phi_loss(model, batch) == 0.0  # no selected row in the micro-batch: nothing added
-
-
-def test_phi_loss_raises_the_gold_answer_likelihood(tmp_path):
-    tok, model, ds, args = setup(tmp_path, phi_loss_coef=1.0, phi_loss_filter=None, max_steps=6, loss_on_answer=False)
-    trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
-                                   processing_class=tok)
-    trainer.train()
-    nll = [h["phi_loss/nll"] for h in trainer.state.log_history if "phi_loss/nll" in h]
-    phi = [h["reward/phi_T"] for h in trainer.state.log_history if "reward/phi_T" in h]
-    assert len(nll) == 6 and nll[-1] < 0.75 * nll[0]
-    assert phi[-1] > phi[0]  # the rollouts' own phi_T follows
-
-
-def test_phi_loss_filter_must_be_one_of_the_rewards(tmp_path):
-    tok, model, ds, args = setup(tmp_path, phi_loss_coef=1.0)  # default filter: reasoning_math, not given
-    with pytest.raises(ValueError, match="phi_loss_filter='reasoning_math' is not one of this run's rewards"):
-        DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
-                             processing_class=tok)
 
 
 def test_skipping_zero_advantage_rows_leaves_loss_and_gradients_unchanged(tmp_path):
