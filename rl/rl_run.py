@@ -58,13 +58,33 @@ class ResumeArgs:
 def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: LoraArguments, rewards: RewardArgs,
            args, resume: ResumeArgs | None = None) -> str:
     """Train `trainer_cls` (Diffusion{GRPO,RLOO}Trainer) and write the final model; returns its path."""
+    resume = resume or ResumeArgs()
+    checkpoint = resolve_resume(args.output_dir, resume.resume, resume.fresh_if_no_checkpoint,
+                                args.resume_from_checkpoint)  # before any loading: a bad request fails fast
+    trainer = build_trainer(trainer_cls, task, model_cfg, lora, rewards, args)
+    if checkpoint:
+        logger.info("Resuming from checkpoint %s.", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.stop_signal:
+        if trainer.is_world_process_zero():
+            logger.warning("Stopped by %s after step %d; checkpoint saved in %s. Continue with --resume.",
+                           signal.Signals(trainer.stop_signal).name, trainer.state.global_step, args.output_dir)
+        raise SystemExit(128 + trainer.stop_signal)
+    final = rewards.final_model_dir or f"{args.output_dir.rstrip('/')}/final"
+    text = recipe_yaml(task, model_cfg, lora, rewards, args)
+    # TRL derives generation_batch_size from steps_per_generation (or the reverse) and refuses both set: keep the
+    # saved recipe reusable as a recipe by dropping the derived one.
+    text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("generation_batch_size:"))
+    return save_final_model(trainer, final, {"recipe.yaml": text})
+
+
+def build_trainer(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: LoraArguments,
+                  rewards: RewardArgs, args):
+    """The recipe's trainer: data, tokenizer, policy (+ LoRA), rewards and held-out split, ready to train."""
     from rewards.registry import get_rewards
 
     if not model_cfg.model_name_or_path:
         raise ValueError("Set model_name_or_path (a hub id or a local dir, e.g. outputs/tiny/sft/final).")
-    resume = resume or ResumeArgs()
-    checkpoint = resolve_resume(args.output_dir, resume.resume, resume.fresh_if_no_checkpoint,
-                                args.resume_from_checkpoint)  # before any loading: a bad request fails fast
     if model_cfg.load_in_4bit and not lora.use_peft:
         raise ValueError("load_in_4bit trains LoRA adapters on frozen 4-bit weights: set use_peft: true.")
     set_cpu_threads(model_cfg.cpu_threads, args.use_cpu)
@@ -100,17 +120,4 @@ def run_rl(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lora: Lora
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     zero = f" (ZeRO stage {plugin.zero_stage})" if plugin is not None else ""
     logger.info("Distributed: %s%s, %d process(es).", acc.distributed_type.value, zero, acc.num_processes)
-    if checkpoint:
-        logger.info("Resuming from checkpoint %s.", checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.stop_signal:
-        if trainer.is_world_process_zero():
-            logger.warning("Stopped by %s after step %d; checkpoint saved in %s. Continue with --resume.",
-                           signal.Signals(trainer.stop_signal).name, trainer.state.global_step, args.output_dir)
-        raise SystemExit(128 + trainer.stop_signal)
-    final = rewards.final_model_dir or f"{args.output_dir.rstrip('/')}/final"
-    text = recipe_yaml(task, model_cfg, lora, rewards, args)
-    # TRL derives generation_batch_size from steps_per_generation (or the reverse) and refuses both set: keep the
-    # saved recipe reusable as a recipe by dropping the derived one.
-    text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("generation_batch_size:"))
-    return save_final_model(trainer, final, {"recipe.yaml": text})
+    return trainer
