@@ -60,10 +60,10 @@ class DiffusionArgs:
                 "answer block stays the SFT model's reader of the reasoning, so an outcome reward cannot teach it to "
                 "guess answers that ignore the reasoning (its tokens still decide the reward)."})
     skip_zero_advantage_rows: bool = field(default=True, metadata={
-        "help": "GRPO: leave rows without any non-zero advantage in the loss (e.g. groups with identical rewards) out "
-                "of the likelihood forward and backward. Exact - the loss and gradients are unchanged, their terms are "
-                "0 - and applied only when it is: loss_type dapo or cispo, beta 0, no entropy bonus or entropy mask. "
-                "One row per micro-batch is always kept, so every process runs a backward."})
+        "help": "GRPO: leave rows without any non-zero advantage in the loss (e.g. groups with identical rewards) "
+                "out of the likelihood forward and backward. Exact - the loss and gradients are unchanged, their "
+                "terms are 0 - and applied only when it is: loss_type dapo or cispo, beta 0, no entropy bonus or "
+                "entropy mask. One row per micro-batch is always kept, so every process runs a backward."})
     prompt_mask_prob: float = field(default=0.15, metadata={"help": "mean_field: prompt masking probability."})
     dense_coef: float = field(default=0.0, metadata={"help": "Weight of the per-token phi shaping term in the "
                                                              "advantage; 0 is outcome-only."})
