@@ -377,10 +377,8 @@ class DiffusionMixin(ResumableMixin):
         return super()._compute_loss(model, inputs)
 
     def _skip_is_exact(self) -> bool:
-        """Whether rows with zero advantage add exactly nothing to TRL's loss (so leaving them out is exact)."""
-        return (isinstance(self, GRPOTrainer) and self.loss_type in ("dapo", "cispo") and self.beta == 0.0
-                and self.top_entropy_quantile >= 1.0 and not self._entropy_bonus_enabled
-                and not self.aux_loss_enabled)
+        """Whether rows with zero advantage add exactly nothing to the loss (so leaving them out is exact)."""
+        return False
 
     def _rows_with_signal(self, inputs: dict) -> dict:
         """`inputs` without the rows whose loss tokens all have advantage 0 (`skip_zero_advantage_rows`)."""
@@ -437,6 +435,12 @@ class DiffusionGRPOTrainer(DiffusionMixin, GRPOTrainer):
     def __init__(self, *args, heldout_dataset=None, rows_skipped: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_diffusion(heldout_dataset, rows_skipped)
+
+    def _skip_is_exact(self) -> bool:
+        # Token-sum losses normalised by the generation batch's token count: a zero-advantage row adds 0 and does
+        # not change the normaliser. KL, entropy bonus/mask and router losses would still see the row.
+        return (self.loss_type in ("dapo", "cispo") and self.beta == 0.0 and self.top_entropy_quantile >= 1.0
+                and not self._entropy_bonus_enabled and not self.aux_loss_enabled)
 
 
 class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
