@@ -12,6 +12,8 @@ and is counted in a warning; it is never silently scored 0.
     [1.0]
     >>> reasoning_accuracy(["..."], answer=["#### 18"], reasoning_texts=["6 times 3 is 18."])  # reasoning block
     [1.0]
+    >>> supported_accuracy(["..."], answer=["#### 18"], answer_texts=["18"], reasoning_texts=["6 times 3 is 19."])
+    [0.0]
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ class MathReward:
         memory_bytes: address-space limit of each worker.
         name: the name TRL logs the reward under.
         read: where the prediction comes from: "answer" (the canvas answer block when the trainer passes
-            `answer_texts`, else the completion text) or "reasoning" (the last boxed value or number of the reasoning
-            block, `reasoning_texts`: scores the chain's own conclusion, whatever the answer block says).
+            `answer_texts`, else the completion text), "reasoning" (the last boxed value or number of the reasoning
+            block, `reasoning_texts`: scores the chain's own conclusion, whatever the answer block says) or "both"
+            (1.0 only when the answer block and the reasoning's conclusion are both right: no credit for an answer
+            block that is right while its reasoning is wrong, or the reverse).
 
     Call columns: `answer` (or `solution`) holds the gold answer: a GSM8K solution ending in `#### N`, a MATH
     solution with `\\boxed{}`, or a bare answer. If `answer_texts` (the decoded answer blocks of the infilling canvas)
@@ -55,8 +59,8 @@ class MathReward:
         name: str = "math_accuracy",
         read: str = "answer",
     ):
-        if read not in ("answer", "reasoning"):
-            raise ValueError(f"read={read!r}; use 'answer' or 'reasoning'.")
+        if read not in ("answer", "reasoning", "both"):
+            raise ValueError(f"read={read!r}; use 'answer', 'reasoning' or 'both'.")
         self.timeout, self.num_workers, self.read = timeout, num_workers, read
         self.max_chars, self.memory_bytes = max_chars, memory_bytes
         self.__name__ = name
@@ -73,32 +77,52 @@ class MathReward:
     def __call__(self, completions: list, answer_texts: list[str] | None = None,
                  reasoning_texts: list[str] | None = None, log_metric=None, **kwargs):
         golds = column(kwargs, GOLD_COLUMNS, len(completions), self.__name__)
-        block = reasoning_texts if self.read == "reasoning" else answer_texts
-        if self.read == "reasoning" and block is None:
+        if self.read != "answer" and reasoning_texts is None:
             raise ValueError(f"{self.__name__} reads the reasoning block: it needs `reasoning_texts`, which the "
                              "diffusion trainers pass. Use 'math' for completions from other trainers.")
-        if block is not None:
-            texts, source = list(block), "text" if self.read == "reasoning" else "block"
-            if len(texts) != len(completions):
-                n, m = len(texts), len(completions)
-                raise ValueError(f"{self.__name__}: {n} {self.read}_texts for {m} completions.")
-        else:
-            texts, source = [completion_text(c) for c in completions], "text"
-        tasks = [("score", gold, text, source, self.max_chars) for gold, text in zip(golds, texts)]
-        rewards, notes = [], Counter()
-        for res in self.pool.map(tasks):
-            if res.status == "ok":
-                value, note = res.value
-                rewards.append(value)
-                notes[note] += 1
+        if self.read == "both" and answer_texts is None:
+            raise ValueError(f"{self.__name__} reads the answer block and the reasoning: it needs `answer_texts` and "
+                             "`reasoning_texts`, which the diffusion trainers pass.")
+        reads = {"answer": ["answer"], "reasoning": ["reasoning"], "both": ["answer", "reasoning"]}[self.read]
+        tasks = []
+        for part in reads:
+            block = reasoning_texts if part == "reasoning" else answer_texts
+            if block is not None:
+                texts, source = list(block), "text" if part == "reasoning" else "block"
+                if len(texts) != len(completions):
+                    n, m = len(texts), len(completions)
+                    raise ValueError(f"{self.__name__}: {n} {part}_texts for {m} completions.")
             else:
+                texts, source = [completion_text(c) for c in completions], "text"
+            tasks += [("score", gold, text, source, self.max_chars) for gold, text in zip(golds, texts)]
+        results = list(self.pool.map(tasks))
+        n = len(completions)
+        rewards, notes = [], Counter()
+        for i in range(n):
+            parts = results[i::n]  # one result per block read, for completion i
+            failed = [res for res in parts if res.status != "ok"]
+            if failed:
                 rewards.append(None)
-                notes[res.status] += 1
-                logger.debug("%s: %s %s", self.__name__, res.status, res.value or "")
+                notes[failed[0].status] += 1
+                logger.debug("%s: %s %s", self.__name__, failed[0].status, failed[0].value or "")
+                continue
+            values = [res.value for res in parts]
+            rewards.append(min(v for v, _ in values))
+            notes[values[0][1] if len(values) == 1 else _joint_note(values)] += 1
         self.totals.update(notes)
         report(self.__name__, rewards, notes, log_metric)
         return rewards
 
 
+def _joint_note(values: list[tuple[float, str]]) -> str:
+    """Note for an answer-and-reasoning score: "correct", or which part failed ("answer_wrong", "reasoning_wrong")."""
+    (answer, answer_note), (reasoning, reasoning_note) = values
+    if answer and reasoning:
+        return "correct"
+    if not answer and not reasoning:
+        return "both_wrong"
+    return "reasoning_" + reasoning_note if answer else "answer_" + answer_note
+
 math_accuracy = MathReward()
 reasoning_accuracy = MathReward(name="reasoning_accuracy", read="reasoning")
+supported_accuracy = MathReward(name="supported_accuracy", read="both")

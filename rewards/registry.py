@@ -20,7 +20,7 @@ import torch
 from rewards.code_reward import code_tests
 from rewards.format_reward import answer_format
 from rewards.intrinsic import answer_likelihood, neg_h_ub, phi_final, phi_token_credit
-from rewards.math_reward import math_accuracy, reasoning_accuracy
+from rewards.math_reward import math_accuracy, reasoning_accuracy, supported_accuracy
 
 REWARDS: dict[str, Callable] = {
     "math": math_accuracy,
@@ -31,6 +31,8 @@ REWARDS: dict[str, Callable] = {
     "code_tests": code_tests,
     "reasoning_math": reasoning_accuracy,  # the reasoning block's own conclusion (its last number or boxed value)
     "reasoning_accuracy": reasoning_accuracy,
+    "supported_math": supported_accuracy,  # 1 only if the answer block and the reasoning's conclusion are both right
+    "supported_accuracy": supported_accuracy,
     "answer_likelihood": answer_likelihood,  # exp(phi_T): the gold answer's probability given the reasoning
 }
 

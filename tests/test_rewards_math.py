@@ -7,7 +7,7 @@ import pytest
 
 from rewards.format_reward import FormatReward, answer_format
 from rewards.math_answer import after_delimiter, candidates, gold_answer, last_boxed, last_number
-from rewards.math_reward import MathReward, math_accuracy, reasoning_accuracy
+from rewards.math_reward import MathReward, math_accuracy, reasoning_accuracy, supported_accuracy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -106,6 +106,22 @@ def test_reasoning_reward_scores_the_chains_conclusion_not_the_answer_block():
         reasoning_accuracy(["4", "4"], answer=["4", "4"], reasoning_texts=["4"])
     with pytest.raises(ValueError, match="read="):
         MathReward(read="prompt")
+
+
+def test_supported_reward_needs_the_answer_block_and_the_chain_both_right():
+    reasoning = ["Add 2 to get 4.", "Add 2 to get 5.", "Add 2 to get 4.", "Add 2 to get 5.", "", r"so \boxed{4}"]
+    blocks = ["4", "4", "5", "5", "4", "4.0"]
+    log = []
+    rewards = supported_accuracy(["..."] * 6, answer=["#### 4"] * 6, answer_texts=blocks, reasoning_texts=reasoning,
+                                 log_metric=lambda k, v: log.append((k, v)))
+    assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert log == [("reward/supported_accuracy_unscorable", 0.0)]
+    assert supported_accuracy.totals["reasoning_wrong"] >= 1 and supported_accuracy.totals["answer_wrong"] >= 1
+    assert supported_accuracy.totals["both_wrong"] >= 1 and supported_accuracy.totals["reasoning_no_answer"] >= 1
+    with pytest.raises(ValueError, match="needs `answer_texts` and `reasoning_texts`"):
+        supported_accuracy(["4"], answer=["4"], reasoning_texts=["4"])
+    with pytest.raises(ValueError, match="needs `reasoning_texts`"):
+        supported_accuracy(["4"], answer=["4"], answer_texts=["4"])
 
 
 def test_chat_completions_and_no_answer():

@@ -15,6 +15,8 @@ def test_names_resolve():
     assert get_intrinsic_reward("phi_return_to_go") is registry.phi_return_to_go
     assert get_reward("reasoning_math") is get_reward("reasoning_accuracy")
     assert get_reward("reasoning_math").read == "reasoning" and get_reward("math").read == "answer"
+    assert get_reward("supported_math") is get_reward("supported_accuracy")
+    assert get_reward("supported_math").read == "both"
 
 
 def test_dotted_paths():
