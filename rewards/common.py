@@ -51,9 +51,9 @@ def column(kwargs: dict, names: Sequence[str], n: int, reward: str) -> list:
 
 
 _WARNED: set = set()
-# notes of scorable samples (a reward that reads two blocks says which one failed)
-SCORED_NOTES = ("correct", "wrong", "no_answer", "too_long", "passed", "failed", "both_wrong", "answer_wrong",
-                "answer_no_answer", "answer_too_long", "reasoning_wrong", "reasoning_no_answer", "reasoning_too_long")
+_SCORED = ("correct", "wrong", "no_answer", "too_long", "passed", "failed")
+# notes of scorable samples; a reward that reads two blocks prefixes the note of the block that failed
+SCORED_NOTES = _SCORED + ("both_wrong",) + tuple(f"{b}_{note}" for b in ("answer", "reasoning") for note in _SCORED)
 
 
 def report(name: str, rewards: list[float | None], notes: Counter, log_metric: Callable | None = None) -> None:

@@ -123,6 +123,7 @@ def _joint_note(values: list[tuple[float, str]]) -> str:
         return "both_wrong"
     return "reasoning_" + reasoning_note if answer else "answer_" + answer_note
 
+
 math_accuracy = MathReward()
 reasoning_accuracy = MathReward(name="reasoning_accuracy", read="reasoning")
 supported_accuracy = MathReward(name="supported_accuracy", read="both")
