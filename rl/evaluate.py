@@ -54,6 +54,17 @@ def check_answers(golds: list[str], answers: list[str]) -> list[bool]:
     return [score == 1.0 for score in scores]
 
 
+def check_reasoning(golds: list[str], reasonings: list[str], answers: list[str]) -> tuple[list[bool], list[bool]]:
+    """Per row: is the reasoning's own conclusion (its last boxed expression or number) right, and does the answer
+    block state that conclusion? The second is how much the answer follows the reasoning: RL on the reasoning can
+    only move accuracy as far as the answer reads it."""
+    from rewards.math_reward import math_accuracy, reasoning_accuracy
+
+    right = reasoning_accuracy(completions=reasonings, answer=golds, reasoning_texts=reasonings)
+    follows = math_accuracy(completions=reasonings, answer=answers)
+    return [score == 1.0 for score in right], [score == 1.0 for score in follows]
+
+
 def decode_row(out: SampleOutput, i: int, tokenizer, adapter: MDLMAdapter, template: TemplateConfig):
     """(reasoning text, answer text) of row i; in the 'plain' layout the answer follows the delimiter."""
     gen = out.generation[i]  # [G]
@@ -76,7 +87,7 @@ def evaluate(adapter: MDLMAdapter, tokenizer, dataset, template: TemplateConfig,
         raise ValueError("prune_phi reads the gold answer: it is for training rollouts, not for evaluation.")
     n = len(dataset)
     infill = template.layout == "infill"
-    totals = {"correct": 0, "nfe": 0, "exited": 0, "tokens": 0, "row_forwards": 0, "answers_truncated": 0}
+    totals = {"correct": 0, "reasoning_correct": 0, "follows": 0, "nfe": 0, "exited": 0, "tokens": 0, "row_forwards": 0, "answers_truncated": 0}
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     start = time.perf_counter()
     with open(output_file, "w") as f, tqdm(total=n, desc="Evaluating", unit="row", disable=not progress) as bar:
@@ -91,10 +102,16 @@ def evaluate(adapter: MDLMAdapter, tokenizer, dataset, template: TemplateConfig,
             out = sample(adapter, canvas, sampler, seeds=seeds)
             decoded = [decode_row(out, j, tokenizer, adapter, template) for j in range(len(golds))]
             verdicts = check_answers(golds, [answer for _, answer in decoded])
+            if infill:
+                chain_ok, follows = check_reasoning(golds, *map(list, zip(*decoded)))
             for j, (gold, (reasoning, answer), correct) in enumerate(zip(golds, decoded, verdicts)):
                 totals["correct"] += correct
                 record = {"index": lo + j, "prompt": batch["prompt"][j], "gold": gold, "reasoning": reasoning,
                           "answer": answer, "correct": correct, **out.row(j)}
+                if infill:
+                    record.update(reasoning_correct=chain_ok[j], answer_follows_reasoning=follows[j])
+                    totals["reasoning_correct"] += chain_ok[j]
+                    totals["follows"] += follows[j]
                 f.write(json.dumps(record) + "\n")
             totals["nfe"] += int(out.nfe.sum())
             totals["exited"] += int(out.exited.sum())
@@ -106,6 +123,8 @@ def evaluate(adapter: MDLMAdapter, tokenizer, dataset, template: TemplateConfig,
     return {
         "n": n,
         "accuracy": totals["correct"] / n,
+        **({"reasoning_accuracy": totals["reasoning_correct"] / n, "answer_follows_reasoning": totals["follows"] / n}
+           if infill else {}),
         "mean_nfe": totals["nfe"] / n,
         "exit_rate": totals["exited"] / n,
         "tokens_per_nfe": totals["tokens"] / max(1, totals["row_forwards"]),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from doubles import save_scratch_policy
 
-from rl.evaluate import EvalConfig, check_answers, evaluate, row_seed
+from rl.evaluate import EvalConfig, check_answers, check_reasoning, evaluate, row_seed
 from rl.models import ModelConfig, load_for_inference
 from rl.tasks import TaskConfig, load_task
 from rollout import MDLMAdapter, SamplerConfig, TemplateConfig
@@ -25,6 +25,16 @@ def test_answer_checking_is_the_math_reward():
     answers = ["12", " 12.", "1,200", "18.0", "", "13", "7 apples", "\\frac {1}{2}", "0.25"]
     assert check_answers(golds, answers) == [True, True, True, True, False, False, True, True, False]
     assert row_seed(0, 1) != row_seed(1, 0)
+
+
+def test_reasoning_checks_read_the_chain_conclusion_and_compare_the_answer_to_it():
+    golds = ["9", "9", "9", "9"]
+    reasonings = ["Add 5 to get 12. Subtract 3 to get 9.", "Add 5 to get 12. Subtract 3 to get 8.",
+                  "Add 5 to get 12. Subtract 3 to get 8.", "no number here"]
+    answers = ["9", "9", "8", "9"]
+    right, follows = check_reasoning(golds, reasonings, answers)
+    assert right == [True, False, False, False]
+    assert follows == [True, False, True, False]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +83,8 @@ def test_script_writes_traces_and_prints_summary_last(tmp_path, model_dir):
     assert summary["accuracy"] == sum(r["correct"] for r in records) / 7
     assert summary["mean_nfe"] == sum(r["nfe"] for r in records) / 7
     assert summary["exit_rate"] == sum(r["exit_step"] >= 0 for r in records) / 7
+    assert summary["reasoning_accuracy"] == sum(r["reasoning_correct"] for r in records) / 7
+    assert summary["answer_follows_reasoning"] == sum(r["answer_follows_reasoning"] for r in records) / 7
 
 
 def test_lora_adapter_dir_is_merged_onto_its_base(tmp_path, model_dir):

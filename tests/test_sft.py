@@ -10,8 +10,8 @@ import torch
 from rl.models import ScratchModelConfig, build_scratch_model
 from rl.recipe import parse
 from rl.sft.config import DiffusionSFTConfig, LoraArguments
-from rl.sft.data import SFTCollator, fit_to_canvas
-from rl.sft.loss import mdlm_loss, sample_noise
+from rl.sft.data import SFTCollator, corrupt_conclusion, fit_to_canvas
+from rl.sft.loss import mask_answer_only, mdlm_loss, sample_noise
 from rl.tasks import TaskConfig, load_task
 from rl.tokenizer import build_tokenizer
 from rollout.template import TemplateConfig, build_canvas
@@ -61,6 +61,43 @@ def test_sample_noise_masks_only_maskable_at_rate_t():
     assert torch.equal(again, masked) and torch.equal(t, t2)
 
 
+def test_answer_only_rows_mask_exactly_the_answer_and_score_its_mean_cross_entropy():
+    maskable = torch.tensor([[1, 1, 1, 0, 1, 1], [1, 1, 1, 0, 1, 1]], dtype=torch.bool)  # R=3, delimiter, A=2
+    answer_block = torch.tensor([[0, 0, 0, 0, 1, 1]] * 2, dtype=torch.bool)
+    drawn = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    t = torch.tensor([0.5, 0.3])
+    masked, t2 = mask_answer_only(drawn, t, torch.tensor([True, False]), answer_block, maskable)
+    assert masked[0].tolist() == [False, False, False, False, True, True]  # reasoning visible, answer masked
+    assert torch.equal(masked[1], drawn[1]) and t2[1] == t[1]  # other rows keep their noise
+    assert t2[0].item() == pytest.approx(2 / 5)
+    # The loss of the answer-only row is the mean CE over its 2 answer tokens: (ln 2 + ln 4) / 2.
+    logits = torch.zeros(2, 6, 4)  # row 0, first answer token: p(target 0) = 1/4
+    logits[0, 5] = torch.tensor([0.0, math.log(3), 0.0, 0.0])  # second answer token: p(0) = 1/6
+    targets = torch.zeros(2, 6, dtype=torch.long)
+    loss, _ = mdlm_loss(logits[:1], targets[:1], masked[:1], t2[:1], maskable[:1].sum(-1))
+    assert loss.item() == pytest.approx((math.log(4) + math.log(6)) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="no answer block"):
+        mask_answer_only(drawn, t, torch.tensor([True, False]), torch.zeros_like(answer_block), maskable)
+
+
+def test_corrupt_conclusion_moves_the_last_number_and_the_answer_together():
+    import random
+
+    row = {"prompt": "p", "reasoning": "Start with 7. Add 5 to get 12. Subtract 3 to get 9.", "answer": "9"}
+    seen = set()
+    for seed in range(40):
+        new = corrupt_conclusion(row, random.Random(seed), lambda r: True)
+        assert new["reasoning"] == f"Start with 7. Add 5 to get 12. Subtract 3 to get {new['answer']}."
+        seen.add(int(new["answer"]))
+    assert seen == {6, 7, 8, 10, 11, 12}
+    assert row["answer"] == "9"  # the input row is not modified
+    low = dict(row, reasoning="Subtract 3 to get 1.", answer="1")
+    assert {corrupt_conclusion(low, random.Random(s), lambda r: True)["answer"] for s in range(40)} == {"0", "2", "3", "4"}
+    assert corrupt_conclusion(dict(row, answer="8"), random.Random(0), lambda r: True) is None  # not the conclusion
+    assert corrupt_conclusion(row, random.Random(0), lambda r: r["answer"] == "11")["answer"] == "11"
+    assert corrupt_conclusion(row, random.Random(0), lambda r: False) is None
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """(tokenizer, train rows) for the generated task at an easy setting."""
@@ -91,6 +128,31 @@ def test_collator_lays_gold_text_on_the_sampler_canvas(tiny):
         assert (reasoning, answer) == (r["reasoning"], r["answer"])
         n = len(tok(r["reasoning"], add_special_tokens=False)["input_ids"])
         assert (gen[i, n:48] == tok.eos_token_id).all()  # padded with EOS inside the block
+
+
+def test_collator_answer_only_rows_and_corrupted_conclusions(tiny):
+    tok, data = tiny
+    rows = [data[i] for i in range(64)]
+    plain = SFTCollator(tok, TEMPLATE, tok.mask_token_id)(rows)
+    assert not plain["answer_only"].any() and plain["answer_block"].sum(-1).tolist() == [3] * 64
+    batch = SFTCollator(tok, TEMPLATE, tok.mask_token_id, answer_only_rate=0.5, reasoning_corrupt_rate=0.5,
+                        seed=1)(rows)
+    only = batch["answer_only"]
+    assert 16 <= int(only.sum()) <= 48
+    changed = (batch["input_ids"] != plain["input_ids"]).any(-1)  # [B] rows whose text was corrupted
+    assert changed.any() and not (changed & ~only).any()  # only answer-only rows are corrupted
+    assert 0.2 < changed.sum() / only.sum() < 0.8
+    G = batch["maskable"].shape[1]
+    for i in changed.nonzero().flatten().tolist():
+        gen = batch["input_ids"][i, -G:]
+        reasoning = tok.decode(gen[:48], skip_special_tokens=True)
+        answer = tok.decode(gen[batch["answer_block"][i]], skip_special_tokens=True)
+        assert reasoning.rsplit(" ", 1)[-1] == f"{answer}." and answer != rows[i]["answer"]
+        assert abs(int(answer) - int(rows[i]["answer"])) <= 3
+    with pytest.raises(ValueError, match="infill"):
+        SFTCollator(tok, TemplateConfig(layout="plain", reasoning_length=64), tok.mask_token_id, answer_only_rate=0.1)
+    with pytest.raises(ValueError, match="answer_only_rate"):
+        DiffusionSFTConfig(output_dir="x", answer_only_rate=1.5, use_cpu=True, report_to="none")
 
 
 def test_fit_to_canvas_counts_or_rejects_long_reasoning(tiny):

@@ -12,6 +12,16 @@ class DiffusionSFTConfig(TrainingArguments):
     """`TrainingArguments` plus the diffusion SFT fields. Field names are recipe keys."""
 
     mask_eps: float = field(default=1e-3, metadata={"help": "Smallest noise level: t ~ U(mask_eps, 1) per sequence."})
+    answer_only_rate: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of rows whose noise masks only the answer block, so the answer is learned from the "
+                          "complete reasoning (the state the sampler fills it in). 'infill' layout only."},
+    )
+    reasoning_corrupt_rate: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of answer-only rows whose reasoning ends in a wrong number (gold last number "
+                          "moved by 1-3) with the answer matching it: the answer learns to follow the reasoning."},
+    )
     overflow: str = field(
         default="skip",
         metadata={"help": "Gold reasoning/answer longer than its block: 'skip' (count, report, drop) or 'error'."},
@@ -28,6 +38,9 @@ class DiffusionSFTConfig(TrainingArguments):
         super().__post_init__()
         if not 0 < self.mask_eps < 1:
             raise ValueError(f"mask_eps must be in (0, 1), got {self.mask_eps}.")
+        for name in ("answer_only_rate", "reasoning_corrupt_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if self.overflow not in ("skip", "error"):
             raise ValueError(f"overflow={self.overflow!r}; use 'skip' or 'error'.")
         if self.remove_unused_columns:

@@ -11,7 +11,9 @@ In the 'plain' layout the gold text `reasoning + delimiter + answer + suffix` fi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import random
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -107,21 +109,77 @@ def fit_to_canvas(dataset, tokenizer, template: TemplateConfig, overflow: str = 
     return kept, report
 
 
+_NUMBER = re.compile(r"-?\d+")
+
+
+def corrupt_conclusion(row: dict, rng: random.Random, fits) -> dict | None:
+    """The row with the last number of its reasoning moved by 1-3 and the answer set to that number, or None.
+
+    Teaches the answer block to state what the reasoning concluded, right or wrong (`reasoning_corrupt_rate`).
+    None when the gold answer is not the reasoning's last number (nothing to corrupt) or when no nearby value
+    passes `fits(row)` (the caller's check that the new texts fit their blocks and the vocabulary).
+    """
+    numbers = list(_NUMBER.finditer(row["reasoning"]))
+    if not numbers or numbers[-1].group() != str(row["answer"]).strip():
+        return None
+    last, value = numbers[-1], int(numbers[-1].group())
+    shifts = [d for d in (-3, -2, -1, 1, 2, 3) if value + d >= 0]
+    rng.shuffle(shifts)
+    for d in shifts:
+        text = str(value + d)
+        new = dict(row, reasoning=row["reasoning"][: last.start()] + text + row["reasoning"][last.end() :], answer=text)
+        if fits(new):
+            return new
+    return None
+
+
 @dataclass
 class SFTCollator:
     """Rows {prompt, answer, reasoning} -> clean canvases plus the positions the noise may mask.
 
-    Returns a dict of `input_ids` [B, L] (left padded, blocks filled with gold text), `attention_mask` [B, L]
-    and `maskable` [B, G] (True on the reasoning and answer blocks; the generation region is the last G columns).
+    Returns a dict of `input_ids` [B, L] (left padded, blocks filled with gold text), `attention_mask` [B, L],
+    `maskable` [B, G] (True on the reasoning and answer blocks; the generation region is the last G columns),
+    `answer_block` [B, G] (True on the answer block) and `answer_only` [B] bool.
+
+    `answer_only_rate` of the rows (drawn per row) are *answer-only* rows: the noise masks their whole answer block
+    and nothing else, so the answer is predicted from the complete reasoning, which is the state the sampler fills
+    the answer block in. `reasoning_corrupt_rate` of those rows carry a wrong conclusion (`corrupt_conclusion`) with
+    the answer matching it: the answer learns to follow the reasoning rather than recompute it from the prompt.
+    Their reasoning is never masked, so no wrong reasoning is ever a training target.
     """
 
     tokenizer: Any
     template: TemplateConfig
     mask_id: int
     max_length: int | None = None
+    answer_only_rate: float = 0.0
+    reasoning_corrupt_rate: float = 0.0
+    seed: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("answer_only_rate", "reasoning_corrupt_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.answer_only_rate > 0 and self.template.layout != "infill":
+            raise ValueError("answer_only_rate needs the 'infill' layout (the 'plain' layout has no answer block).")
+        self._rng = random.Random(f"sft-collator/{self.seed}")
+
+    def _fits(self, row: dict) -> bool:
+        tok, tpl = self.tokenizer, self.template
+        answer = tok(row["answer"], add_special_tokens=False)["input_ids"]
+        reasoning = tok(row["reasoning"], add_special_tokens=False)["input_ids"]
+        unk = tok.unk_token_id
+        return (len(answer) <= tpl.answer_length and len(reasoning) <= tpl.reasoning_length
+                and (unk is None or unk not in answer + reasoning))
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         tok, tpl = self.tokenizer, self.template
+        answer_only = [self._rng.random() < self.answer_only_rate for _ in rows]
+        rows = list(rows)
+        for i, only in enumerate(answer_only):
+            if only and self._rng.random() < self.reasoning_corrupt_rate:
+                rows[i] = corrupt_conclusion(rows[i], self._rng, self._fits) or rows[i]
         prompts = [r["prompt"] for r in rows]
         pad = block_pad_id(tok, tpl)
         if tpl.layout == "infill":
@@ -140,4 +198,8 @@ class SFTCollator:
         if canvas.answer is not None:
             gen[:, canvas.answer] = canvas.gold
             maskable[:, canvas.answer] = True
-        return {"input_ids": ids, "attention_mask": canvas.attention_mask, "maskable": maskable}
+        answer_block = torch.zeros_like(maskable)  # [B, G]
+        if canvas.answer is not None:
+            answer_block[:, canvas.answer] = True
+        return {"input_ids": ids, "attention_mask": canvas.attention_mask, "maskable": maskable,
+                "answer_block": answer_block, "answer_only": torch.tensor(answer_only, dtype=torch.bool)}

@@ -43,6 +43,29 @@ def sample_noise(maskable: torch.Tensor, eps: float, generator: torch.Generator)
     return masked, t.to(maskable.device)
 
 
+def mask_answer_only(
+    masked: torch.Tensor, t: torch.Tensor, answer_only: torch.Tensor, answer_block: torch.Tensor,
+    maskable: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the noise of answer-only rows: their whole answer block is masked and nothing else.
+
+    Their t becomes the fraction of the row that is masked, A_b / N_b, so `mdlm_loss` scores them as the mean
+    cross-entropy over their A_b answer tokens (the weight a row masking A_b of N_b tokens at random would get).
+
+    Args:
+        masked: [B, G] the drawn mask; t: [B] its noise levels.
+        answer_only: [B] bool rows to replace; answer_block: [B, G] bool answer positions; maskable: [B, G] bool.
+    Returns:
+        (masked [B, G], t [B]) with the answer-only rows replaced.
+    """
+    block = answer_block & maskable  # [B, G]
+    frac = block.sum(-1).float() / maskable.sum(-1).clamp(min=1).float()  # [B]
+    if bool((answer_only & (frac == 0)).any()):
+        raise ValueError("An answer-only row has no answer block to mask.")
+    masked = torch.where(answer_only[:, None], block, masked)
+    return masked, torch.where(answer_only, frac.to(t.dtype), t)
+
+
 def mdlm_loss(
     logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, n_response: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -17,7 +17,7 @@ from transformers import Trainer
 
 from rl.sft.config import DiffusionSFTConfig
 from rl.sft.data import SFTCollator
-from rl.sft.loss import mdlm_loss, sample_noise
+from rl.sft.loss import mask_answer_only, mdlm_loss, sample_noise
 from rollout.adapter import MDLMAdapter
 from rollout.template import TemplateConfig
 
@@ -41,7 +41,10 @@ class DiffusionSFTTrainer(Trainer):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # Call conventions are read from the base model: PEFT / DDP wrappers hide its forward signature.
         self.mdlm = MDLMAdapter.from_pretrained(base, processing_class)
-        collator = SFTCollator(processing_class, template, self.mdlm.mask_id, self.mdlm.max_length)
+        collator = SFTCollator(processing_class, template, self.mdlm.mask_id, self.mdlm.max_length,
+                               answer_only_rate=args.answer_only_rate,
+                               reasoning_corrupt_rate=args.reasoning_corrupt_rate,
+                               seed=args.seed + args.process_index)
         super().__init__(model=model, args=args, data_collator=collator, processing_class=processing_class, **kwargs)
         self._noise = torch.Generator().manual_seed(args.seed + args.process_index)
         self._eval_noise = torch.Generator()
@@ -51,6 +54,8 @@ class DiffusionSFTTrainer(Trainer):
         ids, attention, maskable = inputs["input_ids"], inputs["attention_mask"], inputs["maskable"]  # [B, L], [B, G]
         G = maskable.shape[1]
         masked, t = sample_noise(maskable, self.args.mask_eps, generator or self._noise)  # [B, G], [B]
+        if "answer_only" in inputs:
+            masked, t = mask_answer_only(masked, t, inputs["answer_only"], inputs["answer_block"], maskable)
         noisy = ids.clone()
         noisy[:, -G:] = torch.where(masked, torch.full_like(masked, self.mdlm.mask_id, dtype=ids.dtype), ids[:, -G:])
         self.mdlm.model = model  # the (possibly wrapped) module the Trainer hands us
