@@ -73,13 +73,16 @@ class HeldOutEvalCallback(TrainerCallback):
                                self.sampler, EvalConfig(batch_size=self.batch_size), path, progress=False)
             model.train(was_training)
         n = summary["n"]
-        local = torch.tensor([summary["accuracy"] * n, summary["mean_nfe"] * n, summary["exit_rate"] * n, n],
-                             dtype=torch.float64, device=acc.device)
+        names = {"accuracy": "accuracy", "nfe": "mean_nfe", "exit_rate": "exit_rate"}
+        if "reasoning_accuracy" in summary:  # the infill layout: how right the chain is and how much the answer reads it
+            names.update(reasoning_accuracy="reasoning_accuracy", answer_follows_reasoning="answer_follows_reasoning")
+        local = torch.tensor([summary[key] * n for key in names.values()] + [n], dtype=torch.float64,
+                             device=acc.device)
         total = acc.reduce(local, reduction="sum").cpu()
-        metrics = {"eval/accuracy": float(total[0] / total[3]), "eval/nfe": float(total[1] / total[3]),
-                   "eval/exit_rate": float(total[2] / total[3])}
-        self.history.append({"step": step, **metrics, "n": int(total[3])})
+        rows = float(total[-1])
+        metrics = {f"eval/{name}": float(value / rows) for name, value in zip(names, total[:-1])}
+        self.history.append({"step": step, **metrics, "n": int(rows)})
         if acc.is_main_process:
-            logger.info("Held-out eval at step %d on %d rows: %s", step, int(total[3]), metrics)
+            logger.info("Held-out eval at step %d on %d rows: %s", step, int(rows), metrics)
         Trainer.log(trainer, dict(metrics))  # the base log: TRL's own flushes its rollout metrics
         return metrics

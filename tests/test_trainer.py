@@ -128,6 +128,8 @@ def test_heldout_eval_callback_logs_accuracy_and_nfe_before_during_and_after(tmp
         records = [json.loads(x) for x in (tmp_path / "heldout" / f"step{h['step']:06d}_rank0.jsonl").open()]
         assert len(records) == 3 and {r["index"] for r in records} == {0, 1, 2}
         assert h["eval/accuracy"] == sum(r["correct"] for r in records) / 3
+        assert h["eval/reasoning_accuracy"] == sum(r["reasoning_correct"] for r in records) / 3
+        assert h["eval/answer_follows_reasoning"] == sum(r["answer_follows_reasoning"] for r in records) / 3
         assert h["eval/nfe"] == 4 + 2  # left to right: one NFE per reasoning and answer position
     logged = [x for x in trainer.state.log_history if "eval/accuracy" in x]
     assert len(logged) == 3 and all("eval/nfe" in x for x in logged)
