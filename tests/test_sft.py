@@ -194,6 +194,34 @@ def test_full_finetuning_moves_every_weight(tmp_path, tiny):
     assert any(k.startswith("sft/masked_ce") for log in trainer.state.log_history for k in log)
 
 
+def test_reasoning_first_hides_the_answer_from_mdlm_rows_and_scores_it_only_from_the_full_reasoning(tmp_path, tiny):
+    tok, data = tiny
+    trainer = _trainer(tmp_path, tok, data, _tiny_model(tok), answer_only_rate=0.5, reasoning_first=True)
+    batch = SFTCollator(tok, TEMPLATE, tok.mask_token_id, answer_only_rate=0.5, seed=2)([data[i] for i in range(32)])
+    seen = {}
+    real = trainer.mdlm.logits
+
+    def spy(noisy, attention, keep_last):
+        seen["noisy"] = noisy[:, -keep_last:].clone()
+        seen["logits"] = real(noisy, attention, keep_last).detach().requires_grad_(True)
+        return seen["logits"]
+
+    trainer.mdlm.logits = spy
+    loss = trainer.compute_loss(trainer.model, batch)
+    hidden = seen["noisy"] == tok.mask_token_id  # [B, G]
+    only, block = batch["answer_only"], batch["answer_block"]
+    assert 0 < int(only.sum()) < 32
+    assert hidden[block].all()  # every row's answer block is masked in the input
+    assert not (hidden & ~block)[only].any()  # answer-only rows: the complete reasoning is visible
+    assert (hidden & ~block)[~only].any()  # MDLM rows: the reasoning is noised
+    loss.backward()
+    grad = seen["logits"].grad.abs().sum(-1)  # [B, G] which positions the loss scores
+    assert (grad[~only][:, block[0]] == 0).all()  # MDLM rows never score their (hidden) answer
+    assert (grad[only][:, block[0]] > 0).all()  # answer-only rows score all of it
+    with pytest.raises(ValueError, match="answer_only_rate"):
+        DiffusionSFTConfig(output_dir="x", reasoning_first=True, use_cpu=True, report_to="none")
+
+
 def test_lora_moves_only_the_adapter(tmp_path, tiny):
     from peft import get_peft_model
 

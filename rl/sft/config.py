@@ -22,6 +22,14 @@ class DiffusionSFTConfig(TrainingArguments):
         metadata={"help": "Fraction of answer-only rows whose reasoning ends in a wrong number (gold last number "
                           "moved by 1-3) with the answer matching it: the answer learns to follow the reasoning."},
     )
+    reasoning_first: bool = field(
+        default=False,
+        metadata={"help": "Learn p(r | c) p(a | c, r): MDLM rows noise the reasoning only, with the answer block "
+                          "masked and unscored, and only answer-only rows (answer_only_rate > 0) train the answer, "
+                          "from the complete reasoning. The answer then reads the reasoning instead of solving the "
+                          "prompt itself; answer-block entropies before the reasoning is done (early exit) are "
+                          "off-distribution. 'infill' layout only."},
+    )
     overflow: str = field(
         default="skip",
         metadata={"help": "Gold reasoning/answer longer than its block: 'skip' (count, report, drop) or 'error'."},
@@ -41,6 +49,9 @@ class DiffusionSFTConfig(TrainingArguments):
         for name in ("answer_only_rate", "reasoning_corrupt_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.reasoning_first and self.answer_only_rate == 0:
+            raise ValueError("reasoning_first trains the answer block only on answer-only rows: set answer_only_rate "
+                             "> 0 (for example 0.25).")
         if self.overflow not in ("skip", "error"):
             raise ValueError(f"overflow={self.overflow!r}; use 'skip' or 'error'.")
         if self.remove_unused_columns:

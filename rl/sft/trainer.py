@@ -53,14 +53,18 @@ class DiffusionSFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, generator=None):
         ids, attention, maskable = inputs["input_ids"], inputs["attention_mask"], inputs["maskable"]  # [B, L], [B, G]
         G = maskable.shape[1]
-        masked, t = sample_noise(maskable, self.args.mask_eps, generator or self._noise)  # [B, G], [B]
+        scored = maskable  # [B, G] positions the noise may mask and the loss scores
+        if self.args.reasoning_first:  # MDLM rows keep the answer masked and unscored: it is learned from r alone
+            scored = maskable & ~(inputs["answer_block"] & ~inputs["answer_only"][:, None])
+        masked, t = sample_noise(scored, self.args.mask_eps, generator or self._noise)  # [B, G], [B]
         if "answer_only" in inputs:
-            masked, t = mask_answer_only(masked, t, inputs["answer_only"], inputs["answer_block"], maskable)
+            masked, t = mask_answer_only(masked, t, inputs["answer_only"], inputs["answer_block"], scored)
         noisy = ids.clone()
-        noisy[:, -G:] = torch.where(masked, torch.full_like(masked, self.mdlm.mask_id, dtype=ids.dtype), ids[:, -G:])
+        hide = masked | (maskable & ~scored)  # [B, G]
+        noisy[:, -G:] = torch.where(hide, torch.full_like(hide, self.mdlm.mask_id, dtype=ids.dtype), ids[:, -G:])
         self.mdlm.model = model  # the (possibly wrapped) module the Trainer hands us
         logits = self.mdlm.logits(noisy, attention, keep_last=G)  # [B, G, V]
-        loss, stats = mdlm_loss(logits, ids[:, -G:], masked, t, maskable.sum(-1))
+        loss, stats = mdlm_loss(logits, ids[:, -G:], masked, t, scored.sum(-1))
         mode = "train" if model.training else "eval"
         for name, value in stats.items():
             self._metrics[mode][f"sft/{name}"].append(value)
