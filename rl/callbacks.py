@@ -74,7 +74,7 @@ class HeldOutEvalCallback(TrainerCallback):
             model.train(was_training)
         n = summary["n"]
         names = {"accuracy": "accuracy", "nfe": "mean_nfe", "exit_rate": "exit_rate"}
-        if "reasoning_accuracy" in summary:  # the infill layout: how right the chain is and how much the answer reads it
+        if "reasoning_accuracy" in summary:  # infill: how right the chain is, how much the answer reads it
             names.update(reasoning_accuracy="reasoning_accuracy", answer_follows_reasoning="answer_follows_reasoning")
         local = torch.tensor([summary[key] * n for key in names.values()] + [n], dtype=torch.float64,
                              device=acc.device)

@@ -87,7 +87,8 @@ def evaluate(adapter: MDLMAdapter, tokenizer, dataset, template: TemplateConfig,
         raise ValueError("prune_phi reads the gold answer: it is for training rollouts, not for evaluation.")
     n = len(dataset)
     infill = template.layout == "infill"
-    totals = {"correct": 0, "reasoning_correct": 0, "follows": 0, "nfe": 0, "exited": 0, "tokens": 0, "row_forwards": 0, "answers_truncated": 0}
+    totals = {"correct": 0, "reasoning_correct": 0, "follows": 0, "nfe": 0, "exited": 0, "tokens": 0,
+              "row_forwards": 0, "answers_truncated": 0}
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     start = time.perf_counter()
     with open(output_file, "w") as f, tqdm(total=n, desc="Evaluating", unit="row", disable=not progress) as bar:

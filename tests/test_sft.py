@@ -92,7 +92,8 @@ def test_corrupt_conclusion_moves_the_last_number_and_the_answer_together():
     assert seen == {6, 7, 8, 10, 11, 12}
     assert row["answer"] == "9"  # the input row is not modified
     low = dict(row, reasoning="Subtract 3 to get 1.", answer="1")
-    assert {corrupt_conclusion(low, random.Random(s), lambda r: True)["answer"] for s in range(40)} == {"0", "2", "3", "4"}
+    answers = {corrupt_conclusion(low, random.Random(s), lambda r: True)["answer"] for s in range(40)}
+    assert answers == {"0", "2", "3", "4"}  # never negative
     assert corrupt_conclusion(dict(row, answer="8"), random.Random(0), lambda r: True) is None  # not the conclusion
     assert corrupt_conclusion(row, random.Random(0), lambda r: r["answer"] == "11")["answer"] == "11"
     assert corrupt_conclusion(row, random.Random(0), lambda r: False) is None

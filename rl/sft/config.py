@@ -14,8 +14,8 @@ class DiffusionSFTConfig(TrainingArguments):
     mask_eps: float = field(default=1e-3, metadata={"help": "Smallest noise level: t ~ U(mask_eps, 1) per sequence."})
     answer_only_rate: float = field(
         default=0.0,
-        metadata={"help": "Fraction of rows whose noise masks only the answer block, so the answer is learned from the "
-                          "complete reasoning (the state the sampler fills it in). 'infill' layout only."},
+        metadata={"help": "Fraction of rows whose noise masks only the answer block, so the answer is learned "
+                          "from the complete reasoning (the state the sampler fills it in). 'infill' layout only."},
     )
     reasoning_corrupt_rate: float = field(
         default=0.0,

@@ -127,7 +127,8 @@ def corrupt_conclusion(row: dict, rng: random.Random, fits) -> dict | None:
     rng.shuffle(shifts)
     for d in shifts:
         text = str(value + d)
-        new = dict(row, reasoning=row["reasoning"][: last.start()] + text + row["reasoning"][last.end() :], answer=text)
+        reasoning = row["reasoning"][: last.start()] + text + row["reasoning"][last.end() :]
+        new = dict(row, reasoning=reasoning, answer=text)
         if fits(new):
             return new
     return None
