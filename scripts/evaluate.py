@@ -9,7 +9,8 @@
 Keys are the fields of ModelConfig, TaskConfig, TemplateConfig, SamplerConfig and EvalConfig. A model dir that
 holds a LoRA adapter loads its base and merges the adapter. Writes one JSONL record per row (trace, decoded
 reasoning/answer, correctness) and prints one JSON summary as the last line of stdout: accuracy, mean NFE, exit
-rate, wall time, n.
+rate, wall time, n; on the infill canvas also `reasoning_accuracy` (the reasoning's own conclusion, its last number
+or boxed value, is right) and `answer_follows_reasoning` (the answer block states that conclusion).
 """
 
 from __future__ import annotations

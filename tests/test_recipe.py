@@ -112,8 +112,8 @@ def test_accelerate_configs_load(name, kind):
 
 
 def test_tiny_eval_recipes_match_their_sft_recipes():
-    for sft, ev in [("sft.yaml", "eval.yaml"), ("sft_ci.yaml", "eval_ci.yaml"), ("sft.yaml", "grpo.yaml"),
-                    ("sft.yaml", "rloo.yaml")]:
+    for sft, ev in [("sft.yaml", "sft_answer.yaml"), ("sft_answer.yaml", "eval.yaml"), ("sft_ci.yaml", "eval_ci.yaml"),
+                    ("sft_answer.yaml", "grpo.yaml"), ("sft_answer.yaml", "rloo.yaml")]:
         a = load_recipe(os.path.join(ROOT, "recipes", "tiny", sft))
         b = load_recipe(os.path.join(ROOT, "recipes", "tiny", ev))
         data_and_canvas = {f.name for f in dataclasses.fields(TaskConfig)} | {
