@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 from trl import GRPOConfig, RLOOConfig
 
 from rl.logprobs import ESTIMATORS
+from rl.precision import resolve_bf16
 from rollout import SamplerConfig, TemplateConfig
 
 
@@ -76,11 +78,16 @@ class DiffusionArgs:
     heldout_policy: str | None = field(default=None, metadata={
         "help": "Held-out sampler policy (None: the rollout policy); the other sampler fields are shared."})
     heldout_temperature: float = field(default=0.0, metadata={"help": "Held-out sampling temperature (0: greedy)."})
+    bf16: str = field(default="auto", metadata={
+        "help": "Mixed precision: auto (bf16 autocast where the hardware has native bf16: CUDA with bf16, CPUs with "
+                "AVX512-BF16/AMX; else fp32), true or false. true on a CPU without native bf16 runs emulated and "
+                "warns (25-55x slower matmuls). Resolved to true/false at start; the run's recipe.yaml records it."})
     rollout_log_dir: str | None = field(
         default=None, metadata={"help": "Per-step rollout JSONL folder (default output_dir/rollouts; empty = off)."}
     )
 
     def __post_init__(self) -> None:
+        self.bf16 = resolve_bf16(self.bf16, on_cpu=self.use_cpu or not torch.cuda.is_available())
         super().__post_init__()
         self.sampler_config()  # validates the policy fields with their own messages
         self.template_config()

@@ -122,6 +122,16 @@ def parse(types: Sequence[type], args: Sequence[str] | None = None, description:
         for action in parser._actions:
             if action.dest in recipe:
                 action.required = False
+    flags = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    unknown_flags = sorted(flags - set(parser._option_string_actions))
+    if unknown_flags:
+        options = [o for o in parser._option_string_actions if o.startswith("--")]
+        hints = {f: difflib.get_close_matches(f, options, n=2) for f in unknown_flags}
+        raise ValueError(
+            "Unknown option(s): "
+            + "; ".join(f"{f} (did you mean {', '.join(h)}?)" if h else f for f, h in hints.items())
+            + ". Options are the field names of " + ", ".join(t.__name__ for t in types) + " (see --help)."
+        )
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
 
 

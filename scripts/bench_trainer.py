@@ -36,6 +36,9 @@ def update_grads(trainer, micro_batches: list[dict], skip: bool) -> tuple[float,
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from rl.cli import exit_if_help
+
+    exit_if_help("grpo", argv, __doc__)  # the recipe keys are scripts/grpo.py's, plus --reps
     from trl.trainer.utils import split_tensor_dict
 
     from rl.recipe import parse

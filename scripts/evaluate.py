@@ -31,6 +31,9 @@ def configs() -> list[type]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from rl.cli import exit_if_help
+
+    exit_if_help("evaluate", argv, __doc__)
     from rl.recipe import parse
 
     model_cfg, task, template, sampler, config = parse(configs(), argv, description=__doc__.split("\n\n")[0])

@@ -42,6 +42,9 @@ def given_keys(argv: list[str]) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from rl.cli import exit_if_help
+
+    exit_if_help("frontier", argv, __doc__)
     from rl.recipe import parse
 
     argv = list(sys.argv[1:] if argv is None else argv)

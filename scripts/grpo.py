@@ -25,12 +25,16 @@ def configs() -> list[type]:
 
 
 def main(argv: list[str] | None = None) -> str:
+    from rl.cli import exit_if_help
+
+    exit_if_help("grpo", argv, __doc__)
     from rl.recipe import parse
     from rl.rl_run import run_rl
     from rl.trainer import DiffusionGRPOTrainer
 
-    task, model_cfg, lora, rewards, resume, args = parse(configs(), argv, description=__doc__.split("\n\n")[0])
+    # Logging first: resolving the config logs the chosen precision.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    task, model_cfg, lora, rewards, resume, args = parse(configs(), argv, description=__doc__.split("\n\n")[0])
     return run_rl(DiffusionGRPOTrainer, task, model_cfg, lora, rewards, args, resume)
 
 

@@ -29,6 +29,9 @@ def configs() -> list[type]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from rl.cli import exit_if_help
+
+    exit_if_help("posterior", argv, __doc__)
     from rl.recipe import parse
 
     model_cfg, task, template, sampler, config = parse(configs(), argv, description=__doc__.split("\n\n")[0])

@@ -26,11 +26,15 @@ def configs() -> list[type]:
 
 
 def main(argv: list[str] | None = None) -> str:
+    from rl.cli import exit_if_help
+
+    exit_if_help("sft", argv, __doc__)
     from rl.recipe import parse
 
+    # Logging first: resolving the config logs the chosen precision.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     task, model_cfg, scratch, lora, template, args = parse(configs(), argv, description=__doc__.split("\n\n")[0])
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if args.should_log else logging.WARNING)
+    logging.getLogger().setLevel(logging.INFO if args.should_log else logging.WARNING)
 
     from rl.sft.run import run_sft
 

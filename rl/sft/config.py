@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+
+from rl.precision import resolve_bf16
 
 
 @dataclass
@@ -38,11 +41,16 @@ class DiffusionSFTConfig(TrainingArguments):
         default=None,
         metadata={"help": "Where the trained model goes, written atomically (None: <output_dir>/final)."},
     )
+    bf16: str = field(default="auto", metadata={
+        "help": "Mixed precision: auto (bf16 autocast where the hardware has native bf16: CUDA with bf16, CPUs with "
+                "AVX512-BF16/AMX; else fp32), true or false. true on a CPU without native bf16 runs emulated and "
+                "warns (25-55x slower matmuls). Resolved to true/false at start; the saved recipe.yaml records it."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator reads the prompt/answer/reasoning columns."}
     )
 
     def __post_init__(self) -> None:
+        self.bf16 = resolve_bf16(self.bf16, on_cpu=self.use_cpu or not torch.cuda.is_available())
         super().__post_init__()
         if not 0 < self.mask_eps < 1:
             raise ValueError(f"mask_eps must be in (0, 1), got {self.mask_eps}.")
