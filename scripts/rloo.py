@@ -1,7 +1,7 @@
 """Diffusion RLOO: MED rollouts on the reasoning-as-infilling canvas, outcome + dense phi advantages, TRL's loss.
 
     python scripts/rloo.py recipes/tiny/rloo.yaml                         # tiny default on CPU
-    accelerate launch --config_file recipes/accelerate/zero2.yaml scripts/rloo.py recipes/gsm8k_rloo.yaml
+    accelerate launch --config_file recipes/accelerate/zero2.yaml scripts/rloo.py recipes/gsm8k.yaml
     python scripts/rloo.py recipes/tiny/rloo.yaml --dense_coef 0.1 --max_steps 20
     python scripts/rloo.py recipes/tiny/rloo.yaml --save_strategy steps --save_steps 10 --resume   # continue
 
