@@ -1,8 +1,10 @@
 """Loading models and tokenizers (hub id, local dir, LoRA adapter dir) and building the tiny default from scratch.
 
-Every model goes through the same transformers `from_pretrained` path: LLaDA / Dream with `trust_remote_code`
-(only when the recipe opts in), native bidirectional models (the tiny Gemma3) without. A directory holding a
-PEFT adapter (`adapter_config.json`) loads its base model and applies the adapter.
+Published LLaDA (`model_type: llada`) and Dream (`model_type: Dream`) checkpoints load into the project's own
+bidirectional transformers models (`rollout.native`: Llama / Qwen2 with the attention mask honoured), with no
+remote code; `trust_remote_code: true` opts into the checkpoint's own code instead. Every other model (the tiny
+bidirectional Gemma3, any transformers MDLM) goes through `AutoModelForCausalLM.from_pretrained`. A directory
+holding a PEFT adapter (`adapter_config.json`) loads its base model and applies the adapter.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ class ModelConfig:
     )
     adapter_path: str | None = field(default=None, metadata={"help": "LoRA adapter dir applied on top of the model."})
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run the model repo's own code (needed by LLaDA and Dream). Opt-in only."}
+        default=False,
+        metadata={"help": "Run the model repo's own code. Opt-in only; LLaDA and Dream load natively without it."},
+    )
+    mask_token_id: int | None = field(
+        default=None,
+        metadata={"help": "Mask token id, for a checkpoint whose tokenizer and config name none (else unused)."},
     )
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
     cpu_threads: int = field(default=0, metadata={"help": "Torch threads on CPU (0: the machine's cores shared by the "
@@ -131,20 +138,35 @@ def quantization_config(load_in_4bit: bool, dtype: str = "auto"):
 
 
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False, dtype: str = "auto",
-                    load_in_4bit: bool = False):
-    """AutoModelForCausalLM, falling back to AutoModel (Dream's remote code registers only that)."""
-    from transformers import AutoModel, AutoModelForCausalLM
+                    load_in_4bit: bool = False, mask_token_id: int | None = None):
+    """The model at `name_or_path`.
 
-    kwargs = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
+    LLaDA / Dream checkpoints (and native models saved by this project) load into `rollout.native` unless
+    `trust_remote_code` is set; everything else through AutoModelForCausalLM, falling back to AutoModel (Dream's
+    remote code registers only that). `mask_token_id` fills `config.mask_token_id` when the checkpoint has none.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+
+    from rollout.native import FAMILIES, load_native, native_family
+
+    kwargs = {"dtype": DTYPES[dtype]}
     quant = quantization_config(load_in_4bit, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    raw, _ = PretrainedConfig.get_config_dict(name_or_path)
+    family = native_family(raw)
+    if family is not None and not (trust_remote_code and family in FAMILIES):
+        return load_native(name_or_path, raw, mask_token_id=mask_token_id, **kwargs)
+    kwargs["trust_remote_code"] = trust_remote_code
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):
             raise
-        return AutoModel.from_pretrained(name_or_path, **kwargs)
+        model = AutoModel.from_pretrained(name_or_path, **kwargs)
+    if mask_token_id is not None and getattr(model.config, "mask_token_id", None) is None:
+        model.config.mask_token_id = int(mask_token_id)
+    return model
 
 
 def set_cpu_threads(requested: int, use_cpu: bool) -> None:
@@ -176,7 +198,7 @@ def load_for_inference(config: ModelConfig, device: str | torch.device):
         has_tokenizer = adapter is not None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
         tok_source = adapter if has_tokenizer else path
     tokenizer = load_tokenizer(tok_source, config.trust_remote_code)
-    model = load_pretrained(path, config.trust_remote_code, config.dtype)
+    model = load_pretrained(path, config.trust_remote_code, config.dtype, mask_token_id=config.mask_token_id)
     if adapter is not None:
         from peft import PeftModel
 

@@ -30,6 +30,8 @@ class PolicyModelArgs:
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base weights in 4-bit NF4 (bitsandbytes, "
                                                                 "CUDA only) and train LoRA on top (QLoRA)."})
+    mask_token_id: int | None = field(default=None, metadata={"help": "Mask token id, for a checkpoint whose "
+                                                                        "tokenizer and config name none."})
     cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process when training on CPU (0: the "
                                                           "machine's cores shared by the local processes; accelerate "
                                                           "launch otherwise sets 1)."})
@@ -91,7 +93,8 @@ def build_trainer(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lor
     reward_funcs = get_rewards(rewards.rewards)  # unknown names fail here, before any model is loaded
     path = model_cfg.model_name_or_path
     tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path or path, args.trust_remote_code)
-    model = load_pretrained(path, args.trust_remote_code, model_cfg.dtype, model_cfg.load_in_4bit)
+    model = load_pretrained(path, args.trust_remote_code, model_cfg.dtype, model_cfg.load_in_4bit,
+                            model_cfg.mask_token_id)
     data = load_task(task, split=task.split or "train")
     if args.chat_prompts:
         system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []

@@ -10,11 +10,15 @@ code, and test doubles.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
+SHIFTED_TYPES = frozenset({"dream", "mdlm_dream"})  # model types whose logits at column i predict column i + 1
 
 
 @dataclass
@@ -48,7 +52,8 @@ class MDLMAdapter:
             raise ValueError(
                 f"attention_mask_style={self.attention_mask_style!r}; use 'keys', 'pairwise' or 'none'."
             )
-        params = inspect.signature(self.model.forward).parameters
+        # PEFT / DDP wrappers hide the network's forward signature (they pass keyword arguments through).
+        params = inspect.signature(unwrap(self.model).forward).parameters
         # Only pass optional arguments a forward explicitly names: remote code often swallows **kwargs.
         self._takes_position_ids = "position_ids" in params
         self._takes_logits_to_keep = "logits_to_keep" in params
@@ -64,20 +69,17 @@ class MDLMAdapter:
     ) -> MDLMAdapter:
         """Build an adapter from a model and its tokenizer.
 
-        The mask token comes from `tokenizer.mask_token_id`; a tokenizer without one is an error (masked
-        diffusion needs it). `shift_logits` and the mask style default from the model config: Dream
-        (`model_type == "Dream"`) is shifted and takes a pairwise mask; everything else is not.
+        The mask token comes from the tokenizer, else from `config.mask_token_id` (LLaDA's published tokenizer
+        registers none), else it is an error naming the recipe key `mask_token_id`. `shift_logits` and the mask
+        style default from the model: Dream (native or remote code) is shifted; the native models and other
+        transformers models take the key padding mask, Dream's remote code a pairwise one, and LLaDA's remote code
+        none (it ignores masks, so padded batches are refused, see `logits`).
         """
-        mask_id = getattr(tokenizer, "mask_token_id", None)
-        if mask_id is None:
-            raise ValueError(
-                f"Tokenizer {type(tokenizer).__name__} has no mask token, so it cannot drive a masked diffusion "
-                "model. Load the tokenizer that ships with the MDLM (LLaDA: '<|mdm_mask|>', Dream: '<|mask|>'), "
-                "or add one with tokenizer.add_special_tokens({'mask_token': ...}) and resize the embeddings."
-            )
         config = getattr(model, "config", None)
+        mask_id = resolve_mask_id(tokenizer, config)
         model_type = str(getattr(config, "model_type", "")).lower()
-        is_dream = model_type == "dream"
+        is_dream = model_type in SHIFTED_TYPES
+        native = type(unwrap(model)).__module__.startswith("rollout.native")
         eos = []
         for name in ("eos_token_id",):
             value = getattr(tokenizer, name, None)
@@ -96,7 +98,7 @@ class MDLMAdapter:
             eos_ids=tuple(eos),
             shift_logits=is_dream if shift_logits is None else shift_logits,
             max_length=int(max_length) if max_length else None,
-            attention_mask_style=attention_mask_style or ("pairwise" if is_dream else "keys"),
+            attention_mask_style=attention_mask_style or _mask_style(model_type, native),
         )
 
     @property
@@ -122,6 +124,12 @@ class MDLMAdapter:
         batch, length = input_ids.shape
         if not 0 < keep_last <= length - (1 if self.shift_logits else 0):
             raise ValueError(f"keep_last={keep_last} must be in [1, {length}) for a canvas of length {length}")
+        if self.attention_mask_style == "none" and not bool(attention_mask.all()):
+            raise ValueError(
+                f"{type(unwrap(self.model)).__name__} ignores attention masks, so a left-padded batch would give each "
+                "row different logits than alone. Load LLaDA / Dream without trust_remote_code (the project's native "
+                "implementation honours masks), or use batches of equal-length prompts (batch size 1)."
+            )
         kwargs = {}
         if self.attention_mask_style == "keys":
             kwargs["attention_mask"] = attention_mask
@@ -150,3 +158,39 @@ class MDLMAdapter:
         self.forward_seconds += time.perf_counter() - start
         self.forward_calls += 1
         return logits
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside PEFT (`get_base_model`) and DDP / DeepSpeed (`module`) wrappers."""
+    for _ in range(4):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def resolve_mask_id(tokenizer, config) -> int:
+    """The mask token id: the tokenizer's, else `config.mask_token_id`; neither is an error naming the recipe key."""
+    from_tokenizer = getattr(tokenizer, "mask_token_id", None)
+    from_config = getattr(config, "mask_token_id", None)
+    if from_tokenizer is not None:
+        if from_config is not None and int(from_config) != int(from_tokenizer):
+            logger.warning("The tokenizer's mask token id %d differs from config.mask_token_id %d; using the "
+                           "tokenizer's.", from_tokenizer, from_config)
+        return int(from_tokenizer)
+    if from_config is not None:
+        return int(from_config)
+    raise ValueError(
+        f"Neither the tokenizer ({type(tokenizer).__name__}) nor the model config names a mask token, so this model "
+        "cannot be run as a masked diffusion LM. Set the recipe key (or flag) mask_token_id to the id of the "
+        "token the model was trained to fill (LLaDA: '<|mdm_mask|>', Dream: '<|mask|>')."
+    )
+
+
+def _mask_style(model_type: str, native: bool) -> str:
+    if native or model_type not in ("llada", "dream"):
+        return "keys"
+    return "pairwise" if model_type == "dream" else "none"  # remote code: Dream takes [B,1,L,L], LLaDA ignores masks

@@ -78,7 +78,9 @@ class LoraArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
-        metadata={"help": "Module names to adapt, or 'all-linear' (every linear layer except the LM head)."},
+        metadata={"help": "Module names to adapt, or 'all-linear' (every linear layer except the LM head). LLaDA and "
+                          "Dream (native) and Llama/Qwen/Gemma models: q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                          "up_proj, down_proj."},
     )
 
     def __post_init__(self) -> None:
@@ -86,10 +88,13 @@ class LoraArguments:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}.")
 
     def peft_config(self):
+        """A LoraConfig with no task type: PEFT then wraps the model as a plain `PeftModel` that passes every forward
+        argument through, instead of the causal-LM wrapper (which needs generation hooks a diffusion model need not
+        have, e.g. Dream's remote code lacks `prepare_inputs_for_generation`)."""
         from peft import LoraConfig
 
         targets = self.lora_target_modules
         return LoraConfig(
-            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, task_type="CAUSAL_LM",
+            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, task_type=None,
             target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         )

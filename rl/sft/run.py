@@ -39,7 +39,8 @@ def build_model_and_tokenizer(model_cfg: ModelConfig, scratch: ScratchModelConfi
         raise ValueError("Set model_name_or_path (a hub id or local dir), or from_scratch: true for the tiny model.")
     path = model_cfg.model_name_or_path
     tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path or path, model_cfg.trust_remote_code)
-    return load_pretrained(path, model_cfg.trust_remote_code, model_cfg.dtype), tokenizer
+    model = load_pretrained(path, model_cfg.trust_remote_code, model_cfg.dtype, mask_token_id=model_cfg.mask_token_id)
+    return model, tokenizer
 
 
 def run_sft(task: TaskConfig, model_cfg: ModelConfig, scratch: ScratchModelConfig, lora: LoraArguments,
