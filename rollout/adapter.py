@@ -184,9 +184,10 @@ def resolve_mask_id(tokenizer, config) -> int:
     if from_config is not None:
         return int(from_config)
     raise ValueError(
-        f"Neither the tokenizer ({type(tokenizer).__name__}) nor the model config names a mask token, so this model "
-        "cannot be run as a masked diffusion LM. Set the recipe key (or flag) mask_token_id to the id of the "
-        "token the model was trained to fill (LLaDA: '<|mdm_mask|>', Dream: '<|mask|>')."
+        f"The model has no mask token: neither its tokenizer ({type(tokenizer).__name__}) nor its config "
+        "(mask_token_id) names one, so it cannot be run as a masked diffusion LM. Set the recipe key (or flag) "
+        "mask_token_id to the id of the token the model was trained to fill (LLaDA: '<|mdm_mask|>', Dream: "
+        "'<|mask|>'); a tokenizer with a mask token added by hand needs the embeddings resized and trained."
     )
 
 
