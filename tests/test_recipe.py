@@ -98,7 +98,10 @@ def test_rl_recipes_are_found_and_the_8b_ones_match_the_paper_setting():
         r = load_recipe(os.path.join(ROOT, "recipes", name))
         setting = (r["use_peft"], r["lora_r"], r["lora_alpha"], r["policy"], r["med_lambda"])
         assert setting == (True, 128, 64, "med", 0.2)
-        assert r["exit_gamma"] > 0 and r["dense_coef"] > 0 and r["trust_remote_code"] is True
+        assert r["exit_gamma"] > 0 and r["dense_coef"] > 0
+        # LLaDA / Dream load natively (rollout.native): no remote code, standard LoRA target names.
+        assert not r.get("trust_remote_code", False)
+        assert r["lora_target_modules"] == [f"{n}_proj" for n in ("q", "k", "v", "o", "gate", "up", "down")]
 
 
 @pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
