@@ -1,0 +1,107 @@
+"""lm-evaluation-harness adapter (`rl.harness`): model_args checking, and lm-eval's simple_evaluate on the local
+GSM8K task reproducing scripts/evaluate.py row for row (same rows, sampler and seeds) on a tiny random model."""
+
+import importlib.util
+import json
+import os
+import random
+
+import pytest
+from doubles import save_scratch_policy
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from rl.harness import InfillRLM, answer_of, cut_at, parse_model_args  # noqa: E402
+from rollout import TemplateConfig  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "..", "shared", "data", "gsm8k_test.jsonl")
+N = 8
+SETTINGS = {"reasoning_length": 16, "answer_length": 3, "max_prompt_length": 96, "policy": "left_to_right", "k": 2,
+            "temperature": 1.0, "seed": 3, "cpu_threads": 1}
+
+
+def test_unknown_model_args_are_an_error_listing_the_valid_keys():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("infill-rl") is InfillRLM
+    with pytest.raises(ValueError, match=r"'polcy' \(did you mean policy\?\).*Valid keys: .*med_lambda"):
+        InfillRLM.create_from_arg_string("pretrained=unused,polcy=med", {"batch_size": 4, "device": "cpu"})
+    with pytest.raises(ValueError, match="both pretrained and model_name_or_path"):
+        parse_model_args({"pretrained": "a", "model_name_or_path": "b"})
+    with pytest.raises(ValueError, match="expected int"):
+        parse_model_args({"pretrained": "a", "reasoning_length": "long"})
+    model, template, sampler, config = parse_model_args(
+        {"pretrained": "a", "layout": "plain", "med_lambda": 1, "exit_gamma": None, "batch_size": "auto",
+         "max_batch_size": None, "delimiter": 5})
+    assert (model.model_name_or_path, template.layout, template.delimiter) == ("a", "plain", "5")
+    assert sampler.med_lambda == 1.0 and sampler.exit_gamma is None and config.batch_size == 64
+
+
+def test_answer_reading_and_until():
+    assert answer_of("Add 2 to get 18.\nThe answer is 18") == "18"
+    assert answer_of("The answer is 3. So\nThe answer is 18 dollars") == "18 dollars"
+    assert answer_of("no delimiter 7") == "no delimiter 7"
+    assert answer_of("x\n#### 42}", TemplateConfig(delimiter="\n#### ", suffix="}")) == "42"
+    assert cut_at("a b Question: c\n\nd", ["\n\n", "Question:"]) == "a b "
+    assert cut_at("a b", []) == "a b"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    if not os.path.isfile(DATA):
+        pytest.skip(f"{DATA} is not present")
+    from rl.tasks import TaskConfig, load_task
+
+    rows = load_task(TaskConfig(task="gsm8k", dataset_path=DATA, num_samples=N), split="test").dataset
+    texts = [*rows["prompt"], *rows["reasoning"], *rows["answer"], TemplateConfig().delimiter]
+    return save_scratch_policy(tmp_path_factory.mktemp("tiny"), texts, seed=1)
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_simple_evaluate_matches_evaluate_script_row_for_row(tmp_path, model_dir, monkeypatch):
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(ROOT)  # the task's data_files is relative to the repository root
+    spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(ROOT, "scripts", "evaluate.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    flags = [x for k, v in SETTINGS.items() for x in (f"--{k}", str(v))]
+    summary = script.main(["--model_name_or_path", model_dir, "--task", "gsm8k", "--dataset_path", DATA,
+                           "--num_samples", str(N), "--batch_size", "3", *flags,
+                           "--output_file", str(tmp_path / "script.jsonl")])
+    expected = _records(tmp_path / "script.jsonl")
+
+    lm = InfillRLM(pretrained=model_dir, device="cpu", batch_size=4, output_file=str(tmp_path / "harness.jsonl"),
+                   **SETTINGS)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=["gsm8k_local"], limit=N, bootstrap_iters=0, log_samples=True,
+        task_manager=TaskManager(include_path=os.path.join(ROOT, "recipes", "lm_eval"), include_defaults=False))
+    got = sorted(_records(tmp_path / "harness.jsonl"), key=lambda r: r["doc_id"])
+    assert [r["doc_id"] for r in got] == list(range(N))
+    for mine, theirs in zip(got, expected):
+        assert mine["context"] == theirs["prompt"]
+        assert (mine["reasoning"], mine["answer"]) == (theirs["reasoning"], theirs["answer"])
+        assert (mine["nfe"], mine["decode_step"]) == (theirs["nfe"], theirs["decode_step"])
+    samples = sorted(results["samples"]["gsm8k_local"], key=lambda s: s["doc_id"])
+    assert [s["accuracy"] for s in samples] == [float(r["correct"]) for r in expected]
+    assert results["results"]["gsm8k_local"]["accuracy,none"] == summary["accuracy"]
+    nfe = results["config"]["infill_rl"]["nfe"]["gsm8k_local"]
+    assert nfe["requests"] == N and nfe["mean_nfe"] == summary["mean_nfe"]
+
+    # Requests in any order, with repeats: row i keeps its seed, repeat r is the run with seed + r.
+    docs = [s["doc"] for s in samples]
+    requests = [Instance("generate_until", doc, (doc["prompt"], {"until": [], "max_gen_toks": 5}), 0,
+                         ("gsm8k_local", i, 2)) for i, doc in enumerate(docs)] * 2
+    shuffled = list(range(len(requests)))
+    random.Random(0).shuffle(shuffled)
+    texts = lm.generate_until([requests[j] for j in shuffled], disable_tqdm=True)
+    first_seen = {}
+    for j, text in zip(shuffled, texts):
+        first_seen.setdefault(j % N, text)
+    assert [first_seen[i] for i in range(N)] == [s["resps"][0][0] for s in samples]
