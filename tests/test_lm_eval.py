@@ -36,6 +36,20 @@ def test_unknown_model_args_are_an_error_listing_the_valid_keys():
          "max_batch_size": None, "delimiter": 5})
     assert (model.model_name_or_path, template.layout, template.delimiter) == ("a", "plain", "5")
     assert sampler.med_lambda == 1.0 and sampler.exit_gamma is None and config.batch_size == 64
+    with pytest.raises(ValueError, match="prune_phi reads the gold answer"):
+        parse_model_args({"pretrained": "a", "prune_phi": -1.0})
+
+
+def test_an_evaluate_recipe_gives_the_defaults_and_model_args_win(tmp_path):
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text("model_name_or_path: some/dir\ntask: arithmetic\ntest_size: 7\nreasoning_length: 32\n"
+                      "block_length: 8\npolicy: med\nbatch_size: 100\noutput_file: theirs.jsonl\n")
+    model, template, sampler, config = parse_model_args({"recipe": str(recipe), "policy": "left_to_right"})
+    assert (model.model_name_or_path, template.reasoning_length, sampler.block_length) == ("some/dir", 32, 8)
+    assert (sampler.policy, config.batch_size, config.output_file) == ("left_to_right", 100, None)
+    recipe.write_text("reasoning_lenght: 32\n")
+    with pytest.raises(ValueError, match="reasoning_lenght"):
+        parse_model_args({"recipe": str(recipe)})
 
 
 def test_answer_reading_and_until():
@@ -93,6 +107,8 @@ def test_simple_evaluate_matches_evaluate_script_row_for_row(tmp_path, model_dir
     assert results["results"]["gsm8k_local"]["accuracy,none"] == summary["accuracy"]
     nfe = results["config"]["infill_rl"]["nfe"]["gsm8k_local"]
     assert nfe["requests"] == N and nfe["mean_nfe"] == summary["mean_nfe"]
+    with pytest.raises(NotImplementedError, match="no exact token log-likelihood"):
+        lm.loglikelihood([])
 
     # Requests in any order, with repeats: row i keeps its seed, repeat r is the run with seed + r.
     docs = [s["doc"] for s in samples]
