@@ -4,12 +4,14 @@ refuse to be silently wrong. Skipped when ../shared/models (the published code) 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
-from published import build_dream, build_llada, reference_model, require_shared
+from published import SHARED, build_dream, build_llada, reference_model, require_shared
 
 from rl.models import load_pretrained, load_tokenizer
 from rollout import MDLMAdapter, SamplerConfig, sample
@@ -191,3 +193,72 @@ def test_a_saved_native_model_reloads_natively(checkpoints, family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
     assert MDLMAdapter.from_pretrained(again, tok).shift_logits == (family == "dream")
+
+
+class _MaskExcluded(torch.nn.Module):
+    """The published model with the mask token's logit at -inf (the project never predicts the mask token)."""
+
+    def __init__(self, inner, mask_id: int):
+        super().__init__()
+        self.inner, self.mask_id = inner, mask_id
+
+    @property
+    def device(self):
+        return next(self.inner.parameters()).device
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.inner(input_ids=input_ids).logits.clone()
+        logits[..., self.mask_id] = float("-inf")
+        return SimpleNamespace(logits=logits)
+
+
+def _published_llada_generate(model, prompt, mask_id: int, gen_length: int, block_length: int):
+    """LLaDA's generate.py: low-confidence remasking, one token per step, semi-AR blocks, greedy."""
+    spec = importlib.util.spec_from_file_location("llada_generate", SHARED / "llada" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.generate(_MaskExcluded(model, mask_id), prompt, steps=gen_length, gen_length=gen_length,
+                           block_length=block_length, temperature=0.0, remasking="low_confidence", mask_id=mask_id)
+
+
+def _published_dream_generate(model, prompt, mask_id: int, gen_length: int):
+    """Dream's diffusion_generate sampling loop (`_sample`, alg='entropy', greedy). Its front end needs
+    transformers 4 generation configs, so the loop gets a plain namespace with the same fields. eps < 0 makes its
+    schedule transfer exactly one token per step (int(n * (1 - s/t)) = 1), the project's k = 1."""
+    config = SimpleNamespace(output_history=False, return_dict_in_generate=False,
+                             max_length=prompt.shape[1] + gen_length, mask_token_id=mask_id, steps=gen_length,
+                             eps=-1e-4, alg="entropy", alg_temp=None, temperature=0.0, top_p=None, top_k=None)
+
+    def exclude_mask(step, x, logits):
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+        return logits
+
+    return model._sample(prompt, attention_mask=None, generation_config=config,
+                         generation_tokens_hook_func=lambda step, x, logits: x,
+                         generation_logits_hook_func=exclude_mask)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_greedy_rollouts_equal_the_published_samplers_token_for_token(checkpoints, family):
+    model, tok = _load(checkpoints[family])
+    adapter = MDLMAdapter.from_pretrained(model, tok)
+    gen_length, block = 12, 4
+    template = TemplateConfig(layout="plain", reasoning_length=gen_length, chat_template=True)
+    if family == "llada":  # low-confidence remasking in semi-AR blocks
+        config = SamplerConfig(policy="confidence", k=1, block_length=block, temperature=0.0)
+    else:  # lowest entropy first over the whole generation
+        config = SamplerConfig(policy="entropy", k=1, block_length=None, temperature=0.0)
+    messages = [[{"role": "user", "content": p}] for p in PROMPTS]
+    ours = sample(adapter, build_canvas(tok, messages, template, adapter.mask_id), config)  # one padded batch
+    reference = reference_model(checkpoints[family], family)
+    for i, message in enumerate(messages):
+        canvas = build_canvas(tok, [message], template, adapter.mask_id)
+        prompt = canvas.input_ids[:, : canvas.gen_start]
+        with torch.no_grad():
+            if family == "llada":
+                theirs = _published_llada_generate(reference, prompt, adapter.mask_id, gen_length, block)
+            else:
+                theirs = _published_dream_generate(reference, prompt, adapter.mask_id, gen_length)
+        assert theirs[0, : prompt.shape[1]].tolist() == prompt[0].tolist()
+        assert ours.generation[i].tolist() == theirs[0, prompt.shape[1]:].tolist()
