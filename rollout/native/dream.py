@@ -62,7 +62,7 @@ def native_config(raw: dict) -> NativeDreamConfig:
         rope_parameters={"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0))},
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         use_sliding_window=False,
-        attention_dropout=0.0,
+        attention_dropout=raw.get("attention_dropout", 0.0),
         use_cache=False,
         pad_token_id=raw.get("pad_token_id"),
         eos_token_id=raw.get("eos_token_id"),
