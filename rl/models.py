@@ -114,9 +114,26 @@ def adapter_base(path: str) -> str | None:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    """AutoTokenizer; a repo that names its own tokenizer class (remote code) loads, without running that code,
+    from its `tokenizer.json`, else as a Qwen2 byte-level BPE from `vocab.json` / `merges.txt` (Dream's tokenizer
+    is Qwen2's with a mask token). Special tokens and the chat template come from the repo's files either way."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        failure = err
+    for cls in (PreTrainedTokenizerFast, Qwen2Tokenizer):
+        try:
+            tokenizer = cls.from_pretrained(name_or_path)
+        except (OSError, ValueError, TypeError):
+            continue
+        logger.info("%s names its own tokenizer code; loaded its files as %s instead (no remote code).",
+                    name_or_path, type(tokenizer).__name__)
+        return tokenizer
+    raise failure
 
 
 def quantization_config(load_in_4bit: bool, dtype: str = "auto"):

@@ -264,3 +264,20 @@ def test_greedy_rollouts_equal_the_published_samplers_token_for_token(checkpoint
                 theirs = _published_dream_generate(reference, prompt, adapter.mask_id, gen_length)
         assert theirs[0, : prompt.shape[1]].tolist() == prompt[0].tolist()
         assert ours.generation[i].tolist() == theirs[0, prompt.shape[1]:].tolist()
+
+
+def test_a_tokenizer_that_names_remote_code_loads_without_running_it(checkpoints, tmp_path):
+    path = tmp_path / "dream"
+    shutil.copytree(checkpoints["dream"], path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="DreamTokenizer", auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer",
+                                                                                 None]})
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "tokenization_dream.py").write_text("raise RuntimeError('remote tokenizer code ran')\n")
+    want = load_tokenizer(str(checkpoints["dream"]))
+    got = load_tokenizer(str(path))
+    assert (got.mask_token_id, got.pad_token_id, got.eos_token_id, len(got)) == (
+        want.mask_token_id, want.pad_token_id, want.eos_token_id, len(want))
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    assert got.apply_chat_template(messages, add_generation_prompt=True) == want.apply_chat_template(
+        messages, add_generation_prompt=True)
