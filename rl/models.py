@@ -154,6 +154,13 @@ def quantization_config(load_in_4bit: bool, dtype: str = "auto"):
                               bnb_4bit_compute_dtype=compute)
 
 
+def load_config_dict(name_or_path: str) -> dict:
+    """The `config.json` of a hub id or local dir, as a dict (no config class, no remote code)."""
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig.get_config_dict(name_or_path)[0]
+
+
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False, dtype: str = "auto",
                     load_in_4bit: bool = False, mask_token_id: int | None = None):
     """The model at `name_or_path`.
@@ -162,7 +169,7 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, dtype: s
     `trust_remote_code` is set; everything else through AutoModelForCausalLM, falling back to AutoModel (Dream's
     remote code registers only that). `mask_token_id` fills `config.mask_token_id` when the checkpoint has none.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from rollout.native import FAMILIES, load_native, native_family
 
@@ -170,7 +177,7 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, dtype: s
     quant = quantization_config(load_in_4bit, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    raw, _ = PretrainedConfig.get_config_dict(name_or_path)
+    raw = load_config_dict(name_or_path)
     family = native_family(raw)
     if family is not None and not (trust_remote_code and family in FAMILIES):
         return load_native(name_or_path, raw, mask_token_id=mask_token_id, **kwargs)

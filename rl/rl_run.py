@@ -13,7 +13,7 @@ import signal
 from dataclasses import dataclass, field
 
 from rl.checkpoint import resolve_resume, save_final_model
-from rl.models import DTYPES, load_pretrained, load_tokenizer, set_cpu_threads
+from rl.models import DTYPES, load_config_dict, load_pretrained, load_tokenizer, set_cpu_threads
 from rl.recipe import recipe_yaml
 from rl.sft.config import LoraArguments
 from rl.tasks import TaskConfig, load_task
@@ -95,6 +95,12 @@ def build_trainer(trainer_cls, task: TaskConfig, model_cfg: PolicyModelArgs, lor
     tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path or path, args.trust_remote_code)
     model = load_pretrained(path, args.trust_remote_code, model_cfg.dtype, model_cfg.load_in_4bit,
                             model_cfg.mask_token_id)
+    if not lora.use_peft and args.beta > 0 and model.config.model_type in ("mdlm_llada", "mdlm_dream") \
+            and getattr(model, "name_or_path", "") == path and load_config_dict(path).get("model_type") != \
+            model.config.model_type:
+        raise ValueError(f"Full fine-tuning with beta > 0 makes TRL load the reference policy from {path} with its "
+                         "own loader, which cannot read the published LLaDA / Dream layout. Use LoRA (use_peft: true; "
+                         "the reference is the base with the adapter disabled), or beta: 0.")
     data = load_task(task, split=task.split or "train")
     if args.chat_prompts:
         system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []

@@ -104,3 +104,11 @@ def test_full_fine_tuning_saves_a_native_model_that_evaluates(checkpoints, tmp_p
     assert json.loads((Path(final) / "config.json").read_text())["model_type"] == "mdlm_dream"
     assert evaluate(final, tmp_path / "eval.jsonl")["n"] == 3
     torch.set_num_threads(1)
+
+
+def test_full_fine_tuning_with_a_kl_reference_is_a_clear_error(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="beta > 0 makes TRL load the reference"):
+        script("grpo").main([
+            str(ROOT / "recipes" / "gsm8k.yaml"), "--model_name_or_path", str(checkpoints["llada"]),
+            "--dataset_path", str(DATA / "gsm8k_train.jsonl"), "--num_samples", "2", "--use_peft", "false",
+            "--beta", "0.04", "--heldout_eval_steps", "0", "--output_dir", str(tmp_path / "x"), *CPU])
