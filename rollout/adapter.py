@@ -3,8 +3,9 @@
 The sampler, the rewards and the trainers never branch on the model family; they read an `MDLMAdapter`:
 the mask id, whether logits are shifted (Dream predicts token i from position i-1), the EOS/EoT ids, the
 context length, and how to call the network. Any `nn.Module` whose `forward(input_ids, attention_mask)`
-returns an object with `.logits` works: native transformers bidirectional models, LLaDA/Dream remote
-code, and test doubles.
+returns an object with `.logits` works: native transformers bidirectional models (including the project's own
+LLaDA / Dream, `rollout.native`), LLaDA/Dream remote code (LLaDA's ignores attention masks: padded batches are
+refused), and test doubles.
 """
 
 from __future__ import annotations
