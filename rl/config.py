@@ -16,10 +16,57 @@ from rl.logprobs import ESTIMATORS
 from rl.precision import resolve_bf16
 from rollout import SamplerConfig, TemplateConfig
 
+# TRL options the diffusion trainers cannot honour, refused (when set to a non-default value) before any model loads:
+# name -> (TRL's default, why, and what to use instead).
+_SAMPLER = ("the diffusion sampler ignores it; use policy, med_lambda, med_k_max, eb_gamma, tau, block_length, "
+            "exit_gamma, temperature and answer_temperature instead")
+_GENERATION = "generation is the diffusion sampler's own; leave it unset"
+REFUSED_TRL_OPTIONS: dict[str, tuple[object, str]] = {
+    "max_completion_length": (512, "it has no effect: the completion is the canvas's generation region, "
+                                   "reasoning_length + len(delimiter) + answer_length + len(suffix) tokens; use "
+                                   "reasoning_length and answer_length instead"),
+    "top_p": (1.0, _SAMPLER),
+    "top_k": (0, _SAMPLER),
+    "min_p": (None, _SAMPLER),
+    "repetition_penalty": (1.0, _SAMPLER),
+    "generation_kwargs": (None, _SAMPLER),
+    "cache_implementation": (None, _GENERATION),
+    "use_transformers_paged": (False, _GENERATION),
+    "use_transformers_continuous_batching": (False, _GENERATION),
+    "use_vllm": (False, "vLLM cannot run the diffusion sampler, and TRL would correct the loss with the sampler's "
+                        "log-probs, which differ from the likelihood estimator's; leave it unset"),
+    "off_policy_mask_threshold": (None, "it compares the estimator's log-probs with the sampler's, which differ by "
+                                        "construction (other states are scored); leave it unset and bound "
+                                        "off-policyness with num_iterations and epsilon"),
+    "mask_truncated_completions": (False, "every infill row whose canvas ends in a suffix or an unfilled block has no "
+                                          "final EOS, so TRL would zero it; leave it unset: positions the sampler "
+                                          "did not decode are already out of the loss"),
+}
+
+
+def refuse_trl_options(args) -> None:
+    """Raise if `args` sets a TRL option the diffusion trainers cannot honour (see `REFUSED_TRL_OPTIONS`)."""
+    for name, (default, instead) in REFUSED_TRL_OPTIONS.items():
+        value = getattr(args, name, default)
+        if value != default and not (name == "top_k" and value is None):
+            raise ValueError(f"{name}={value!r} is not supported by the diffusion trainers: {instead}.")
+    if getattr(args, "loss_type", None) == "dr_grpo":
+        raise ValueError("loss_type='dr_grpo' divides the loss by max_completion_length, which is not the diffusion "
+                         "completion's length: use loss_type 'dapo' (token sum over the generation batch's loss "
+                         "tokens), 'grpo' or 'bnpo' instead.")
+    if args.temperature <= 0:
+        raise ValueError(f"temperature={args.temperature}: RL needs sampled rollouts (temperature > 0). For a "
+                         "greedily committed answer use answer_temperature: 0 with loss_on_answer: false instead; "
+                         "for greedy held-out evaluation, heldout_temperature: 0.")
+
 
 @dataclass
 class DiffusionArgs:
-    """Diffusion-specific training fields shared by the GRPO and RLOO configs."""
+    """Diffusion-specific training fields shared by the GRPO and RLOO configs.
+
+    TRL options the diffusion trainers cannot honour are refused at construction (`REFUSED_TRL_OPTIONS`), each with
+    the diffusion setting to use instead.
+    """
 
     # Unmasking policy and sampler (see rollout.SamplerConfig).
     policy: str = field(default="med", metadata={"help": "Unmasking policy: left_to_right, entropy, confidence, "
@@ -39,7 +86,9 @@ class DiffusionArgs:
                 "temperature)."})
     prune_phi: float | None = field(default=None, metadata={
         "help": "Prune a rollout once phi(t) < prune_phi (nats, < 0): the gold answer has become nearly impossible, "
-                "so the row is confidently wrong; it commits its answer at once (scored as usual). None: off."})
+                "so the row commits its answer at once (scored as usual). None: off. Saves NFE, but biases the "
+                "gradient: the rollout process then depends on the gold label (which rows finish their reasoning), "
+                "so the policy is trained on trajectories it would not produce at evaluation, where no gold exists."})
     # Canvas (see rollout.TemplateConfig).
     layout: str = field(default="infill", metadata={"help": "infill (reasoning + answer blocks) or plain."})
     reasoning_length: int = field(default=128, metadata={"help": "R: masked reasoning positions."})
@@ -52,11 +101,20 @@ class DiffusionArgs:
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system turn (chat prompts)."})
     pad_with: str = field(default="eos", metadata={"help": "Token padding gold answers: eos or pad."})
     # Likelihood and advantages.
-    logprob_estimator: str = field(default="trajectory", metadata={"help": "mean_field, coupled or trajectory."})
-    trajectory_buckets: int = field(default=8, metadata={"help": "S: forwards of the trajectory estimator."})
+    logprob_estimator: str = field(default="trajectory", metadata={
+        "help": "Likelihood surrogate: mean_field (d1: one forward, every generated token masked - the answer is "
+                "scored with no reasoning visible), coupled (two complementary random masks), trajectory (replay of "
+                "the sampler's states in S forwards; exact when S >= the row's NFE)."})
+    trajectory_buckets: int = field(default=8, metadata={"help": "S: forwards of the trajectory estimator. In "
+                                                                 "contiguous buckets (trajectory_sample_steps false) "
+                                                                 "a bucket's tokens are scored from its first state, "
+                                                                 "so with S < NFE the answer block is scored with its "
+                                                                 "last reasoning steps still masked."})
     trajectory_sample_steps: bool = field(default=False, metadata={
         "help": "trajectory: score S decode steps drawn at random per row and round, each from its exact state "
-                "(other tokens sit out that update), instead of S contiguous buckets scored from their first state."})
+                "(other tokens sit out that update), instead of S contiguous buckets scored from their first state. "
+                "Row i's scored log-probs are weighted NFE_i / S (an unbiased estimate of the full replay's sum). "
+                "GRPO: needs loss_type dapo or cispo (their token-sum normaliser matches the weighting)."})
     loss_on_answer: bool = field(default=True, metadata={
         "help": "infill layout: keep the answer block's tokens in the loss. False trains the reasoning only: the "
                 "answer block stays the SFT model's reader of the reasoning, so an outcome reward cannot teach it to "
@@ -67,9 +125,21 @@ class DiffusionArgs:
                 "terms are 0 - and applied only when it is: loss_type dapo or cispo, beta 0, no entropy bonus or "
                 "entropy mask. One row per micro-batch is always kept, so every process runs a backward."})
     prompt_mask_prob: float = field(default=0.15, metadata={"help": "mean_field: prompt masking probability."})
-    dense_coef: float = field(default=0.0, metadata={"help": "Weight of the per-token phi shaping term in the "
-                                                             "advantage; 0 is outcome-only."})
-    dense_credit: str = field(default="return_to_go", metadata={"help": "phi credit: return_to_go or immediate."})
+    dense_coef: float = field(default=0.0, metadata={
+        "help": "Weight of the per-token phi credit added to the outcome advantage, in units of the credit's "
+                "standard deviation within the group of num_generations rollouts (standardised over the group's loss "
+                "tokens, clipped to +-dense_clip): the same meaning for every task, answer length, GRPO and RLOO. "
+                "0 is outcome-only. phi = sum over the answer block's A positions of log p(gold token), the gold "
+                "right-padded with EOS (pad_with): the padding counts, as the model must also predict where the "
+                "answer ends. Rows without a gold answer get no credit (all rows: a warning, outcome-only)."})
+    dense_credit: str = field(default="return_to_go", metadata={
+        "help": "phi credit of a token decoded at step s: return_to_go = phi_T - phi(s) (the step rewards telescope: "
+                "optimises E[R + c phi_T] with the per-step baseline phi(s), not policy-invariant shaping, since "
+                "phi_T depends on the policy), or immediate = phi(s+1) - phi(s) (myopic: credits the step's change "
+                "only). Both read the gold label: the label enters the advantage, never the rollout (unless "
+                "prune_phi)."})
+    dense_clip: float = field(default=3.0, metadata={"help": "Bound on the standardised phi credit (|z| <= "
+                                                             "dense_clip) before dense_coef weighs it."})
     heldout_eval_steps: int = field(default=0, metadata={"help": "Evaluate on the task's held-out split every N "
                                                                  "steps (and before/after training); 0 = off."})
     heldout_size: int = field(default=200, metadata={"help": "Held-out rows per evaluation (first N of the split)."})
@@ -78,6 +148,10 @@ class DiffusionArgs:
     heldout_policy: str | None = field(default=None, metadata={
         "help": "Held-out sampler policy (None: the rollout policy); the other sampler fields are shared."})
     heldout_temperature: float = field(default=0.0, metadata={"help": "Held-out sampling temperature (0: greedy)."})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Set every dropout (including LoRA's lora_dropout) to p=0 at start (TRL's disable_dropout; its "
+                "default there is false). Needed for an exact on-policy ratio of 1: with dropout, TRL's old log-probs "
+                "(computed in train mode) and the current ones differ before any update."})
     bf16: str = field(default="auto", metadata={
         "help": "Mixed precision: auto (bf16 autocast where the hardware has native bf16: CUDA with bf16, CPUs with "
                 "AVX512-BF16/AMX; else fp32), true or false. true on a CPU without native bf16 runs emulated and "
@@ -87,6 +161,7 @@ class DiffusionArgs:
     )
 
     def __post_init__(self) -> None:
+        refuse_trl_options(self)  # before TRL's own checks: the message names the diffusion equivalent
         self.bf16 = resolve_bf16(self.bf16, on_cpu=self.use_cpu or not torch.cuda.is_available())
         super().__post_init__()
         self.sampler_config()  # validates the policy fields with their own messages
@@ -101,6 +176,13 @@ class DiffusionArgs:
             raise ValueError(f"dense_credit={self.dense_credit!r}; use 'return_to_go' or 'immediate'.")
         if self.dense_coef < 0:
             raise ValueError(f"dense_coef must be >= 0, got {self.dense_coef}.")
+        if not self.dense_clip > 0:
+            raise ValueError(f"dense_clip must be > 0, got {self.dense_clip}.")
+        loss_type = getattr(self, "loss_type", None)  # GRPO only; RLOO's loss is a sequence sum
+        if self.logprob_estimator == "trajectory" and self.trajectory_sample_steps and loss_type not in (
+                None, "dapo", "cispo"):
+            raise ValueError(f"trajectory_sample_steps weights row i's scored tokens by NFE_i / S, which matches a "
+                             f"token-sum normaliser only: use loss_type 'dapo' or 'cispo' instead of {loss_type!r}.")
         if self.answer_temperature not in (None, self.temperature) and self.loss_on_answer:
             raise ValueError(f"answer_temperature={self.answer_temperature} differs from "
                              f"temperature={self.temperature}: the loss would score answer tokens under a "

@@ -41,8 +41,11 @@ class EvalConfig:
 
 
 def row_seed(seed: int, index: int) -> int:
-    """Seed of dataset row `index` under base seed `seed` (distinct streams for distinct (seed, index))."""
-    return (seed << 32) + index
+    """Seed of dataset row `index` under base seed `seed`: `rl.seeding.stream_seed(seed, "eval", row=index)`, distinct
+    for distinct indices under one seed, and from every RL rollout, mask and SFT stream."""
+    from rl.seeding import stream_seed
+
+    return stream_seed(seed, "eval", row=index)
 
 
 def check_answers(golds: list[str], answers: list[str]) -> list[bool]:

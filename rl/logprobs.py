@@ -16,7 +16,12 @@ exactly on-policy (ratio 1).
 - `trajectory` with sampled steps (`trajectory_steps`): S of the row's decode steps drawn at random (seeded per
   row and round); each drawn step's tokens are scored from that step's exact state and the other tokens are left
   out of the loss. Every scored token sees the context it was sampled in (buckets score later tokens of a bucket
-  from an earlier, more-masked state), at the cost of scoring a random S/NFE share of the tokens per update.
+  from an earlier, more-masked state), at the cost of scoring a random S/NFE share of the tokens per update. The
+  trainer multiplies row i's scored log-probs by `step_weights` = NFE_i / S_i (S_i = steps drawn), so their sum is
+  an unbiased estimate of the full replay's sum and a row needing more steps does not count less.
+
+Every estimator runs a fixed number of forwards per call, whatever the data (mean_field 1, coupled 2, trajectory
+S), so processes under ZeRO-3 (which gathers parameters per forward) never wait on each other.
 
 `logits_fn(input_ids, attention_mask, keep_last)` is `MDLMAdapter.logits` (mask logit -inf, shift handled).
 """
@@ -47,6 +52,13 @@ def trajectory_steps(seeds: torch.Tensor, nfe: torch.Tensor, count: int) -> torc
         picked = torch.randperm(int(n), generator=torch.Generator().manual_seed(int(s)))[:count]
         out[i, : len(picked)] = picked.sort().values
     return out.to(nfe.device)
+
+
+def step_weights(steps: torch.Tensor, nfe: torch.Tensor) -> torch.Tensor:
+    """[B, S] drawn steps (-1 = none), [B] NFE -> [B] NFE_i / (steps drawn in row i): the inverse probability that a
+    given step of row i is drawn (1 for rows with no step drawn)."""
+    drawn = (steps >= 0).sum(-1).clamp(min=1).to(torch.float32)
+    return nfe.to(drawn.device, torch.float32).clamp(min=1) / drawn
 
 
 def _score(logits_fn: LogitsFn, input_ids, attention_mask, gen_len: int, targets, temperature: float):
@@ -142,8 +154,7 @@ def trajectory_logps(
             lo = steps[:, b : b + 1].to(decode_step.device)
             lo, hi = torch.where(lo < 0, n, lo), torch.where(lo < 0, n, lo + 1)  # -1: nothing scored
         scored = generated & (decode_step >= lo) & (decode_step < hi)
-        if not scored.any():
-            continue
+        # No skip when nothing is scored: the number of forwards must not depend on the data (ZeRO-3 would hang).
         x = input_ids.clone()
         x[:, gen_start:][generated & (decode_step >= lo)] = mask_id  # the state at the bucket's first step
         logp, ent = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)

@@ -3,12 +3,17 @@
 What changes against TRL (everything else - batching, buffering, clipping, KL to the adapter-disabled
 reference, logging, checkpoints - is TRL's own):
 
-- Generation (`_generate_single_turn`) runs the project's batched sampler on the reasoning-as-infilling canvas.
-  The completion is the whole generation region; positions the sampler did not decode (template tokens,
-  reasoning skipped by an early exit) are excluded from the loss through TRL's `tool_mask`.
+- Generation (`_generate_single_turn`) runs the project's batched sampler on the reasoning-as-infilling canvas,
+  one random stream per (seed, round, rank, row) (`rl.seeding`). The completion is the whole generation region;
+  the loss mask (`loss_mask` in the batch; TRL's GRPO reads it as `tool_mask`) keeps the tokens the sampler
+  decoded, minus the answer block unless `loss_on_answer`, minus rows with non-finite logits, and with sampled
+  trajectory steps only the drawn steps' tokens.
 - Likelihoods (`_get_per_token_logps_and_entropies`) come from a diffusion estimator (`rl.logprobs`) that reads
-  the rollout trace travelling with the batch (decode steps, NFE, per-row mask seeds).
-- Advantages: TRL's outcome advantage plus `dense_coef` x the per-token phi shaping credit, a [B, G] tensor.
+  the rollout trace travelling with the batch (decode steps, NFE, per-row mask seeds), and are 0 outside the loss
+  mask, so every log-prob TRL sees (old, reference, current; RLOO's sequence sums and KL) covers exactly the loss
+  tokens.
+- Advantages: TRL's outcome advantage plus `dense_coef` x the phi credit standardised within each group over its
+  loss tokens (`rl.advantages`), a [B, G] tensor.
 - Checkpoints are TRL's/HF's own (`save_strategy: steps`, `resume_from_checkpoint`), written atomically and
   completed with the rollout round counter that seeds every row's sampler stream (`rl.checkpoint.ResumableMixin`),
   so a resumed run draws the same prompts and the same rollouts as an uninterrupted one. SIGTERM / Ctrl-C save a
@@ -37,11 +42,13 @@ from trl import GRPOTrainer, RLOOTrainer
 
 from rl.advantages import dense_advantages
 from rl.checkpoint import ResumableMixin
-from rl.logprobs import coupled_logps, mean_field_logps, trajectory_logps, trajectory_steps
+from rl.logprobs import coupled_logps, mean_field_logps, step_weights, trajectory_logps, trajectory_steps
+from rl.rloo_loss import per_token_clipped_loss
+from rl.seeding import row_seeds
 from rollout import MDLMAdapter, decode_block, layout_canvas, sample
 
 logger = logging.getLogger(__name__)
-TRACE_KEYS = ("decode_step", "nfe", "mask_seed", "score_steps")
+TRACE_KEYS = ("decode_step", "nfe", "mask_seed", "score_steps", "loss_mask")
 NAN = float("nan")
 
 
@@ -174,9 +181,9 @@ class DiffusionMixin(ResumableMixin):
         from trl.models import unwrap_model_for_generation
 
         self._round += 1
-        rank = self.accelerator.process_index
-        base = (self.args.seed * 1_000_003 + self._round * 10_007 + rank * 1_009) % (2**62)
-        seeds = torch.arange(len(prompt_ids)) + base  # one random stream per row, distinct across ranks/rounds
+        stream = {"seed": self.args.seed, "rows": len(prompt_ids), "round": self._round,
+                  "rank": self.accelerator.process_index}
+        seeds = row_seeds(purpose="rollout", **stream)  # [B] one sampler stream per (round, rank, row)
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
             adapter = dataclasses.replace(self._adapter_for(model), nonfinite_inputs=[])
             answers = self._answers if self._template.layout == "infill" else None
@@ -191,11 +198,31 @@ class DiffusionMixin(ResumableMixin):
         if out.phi is not None and self._missing_gold.any():
             out.phi[self._missing_gold.to(out.phi.device)] = NAN  # no gold, no potential: no dense credit
         self._rollout, self._canvas_report = out, canvas.report
-        self._trace = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": seeds.to(out.nfe.device)}
+        mask_seeds = row_seeds(purpose="mask", **stream)  # the estimators' masks: not the sampler's stream
+        self._trace = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": mask_seeds.to(out.nfe.device)}
         if self.args.logprob_estimator == "trajectory" and self.args.trajectory_sample_steps:
-            self._trace["score_steps"] = trajectory_steps(seeds, out.nfe, self.args.trajectory_buckets)
+            step_seeds = row_seeds(purpose="steps", **stream)
+            self._trace["score_steps"] = trajectory_steps(step_seeds, out.nfe, self.args.trajectory_buckets)
+        self._trace["loss_mask"] = self._loss_mask(out)
         completion_ids = out.generation.tolist()
         return (completion_ids, out.token_logprob.tolist()) if self._turn_returns_logprobs else completion_ids
+
+    def _loss_mask(self, out) -> torch.Tensor:
+        """[B, G] bool: the tokens whose log-probs enter the loss (and TRL's old/ref log-probs, hence RLOO's KL).
+
+        Decoded by the sampler, in a row whose logits stayed finite, outside the answer block unless
+        `loss_on_answer`, and, with sampled trajectory steps, decoded at one of the row's drawn steps. Known before
+        TRL computes the old and reference log-probs, so every log-prob TRL sees is already 0 outside it. Sets
+        `_eligible`, the same mask before the steps are drawn (what a full replay would score).
+        """
+        mask = out.generated & ~self._nonfinite.to(out.generated.device)[:, None]
+        if not self.args.loss_on_answer and out.answer is not None:
+            mask[:, out.answer] = False  # train the reasoning only; the answer block still sets the reward
+        self._eligible = mask.clone()
+        if "score_steps" in self._trace:
+            steps = self._trace["score_steps"].to(out.decode_step.device)
+            mask &= (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
+        return mask
 
     def _block_texts(self, block) -> list[str]:
         out = self._rollout
@@ -259,28 +286,38 @@ class DiffusionMixin(ResumableMixin):
         output = super()._generate_and_score_completions(inputs)
         out, mode = self._rollout, "train" if self.model.training else "eval"
         device = output["completion_ids"].device
-        scored = out.generated  # loss only on tokens the sampler decoded (and, with sampled steps, at those steps)
-        scored = scored & ~self._nonfinite.to(scored.device)[:, None]  # rows that met non-finite logits: none
-        if not self.args.loss_on_answer and out.answer is not None:
-            scored[:, out.answer] = False  # train the reasoning only; the answer block still sets the reward
-        if "score_steps" in self._trace:
-            steps = self._trace["score_steps"]
-            scored = scored & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
-        output["tool_mask"] = scored.long().to(device)
-        if "num_items_in_batch" in output:  # TRL's dapo normaliser: count only the tokens in the loss
-            in_loss = (output["completion_mask"] * output["tool_mask"]).sum()
+        output["tool_mask"] = self._trace["loss_mask"].long().to(device)  # GRPO's loss reads it; RLOO's does not
+        if "num_items_in_batch" in output:  # TRL's dapo normaliser: the tokens a full replay would put in the loss
+            # (with sampled steps each scored token carries the weight NFE_i / S_i, so the weighted sum estimates
+            # the full replay's sum and the normaliser is the full replay's count)
+            in_loss = (output["completion_mask"] * self._eligible.to(device)).sum()
             output["num_items_in_batch"] = self.accelerator.gather(in_loss).sum()
         for key, value in self._trace.items():
             output[key] = value.to(device)
-        if self.args.dense_coef > 0 and out.phi is not None:
-            from rewards.intrinsic import phi_token_credit
-
-            credit = phi_token_credit(out.decode_step, out.phi, mode=self.args.dense_credit).to(device)  # [B, G]
-            output["advantages"], share = dense_advantages(output["advantages"], credit, out.generated.to(device),
-                                                           self.args.dense_coef)
-            self._metrics[mode]["advantage/dense_share"].append(self._gather_mean(torch.tensor([share])))
+        if self.args.dense_coef > 0:
+            self._add_dense_credit(output, out, mode)
         self._log_rollout(out, mode)
         return output
+
+    def _add_dense_credit(self, output: dict, out, mode: str) -> None:
+        """Outcome advantage + dense_coef x the phi credit standardised per group over its loss tokens."""
+        if out.phi is None or self._missing_gold.all():
+            self._warn_once("no_phi", "dense_coef=%s but no rollout of this batch has a gold answer, so its phi "
+                            "credit is 0: it trains outcome-only (a dataset without gold answers: the whole run).",
+                            self.args.dense_coef)
+            if out.phi is None:  # the same on every process (no answer column): no collective is skipped unevenly
+                return
+        from rewards.intrinsic import phi_token_credit
+
+        device = output["completion_ids"].device
+        credit = phi_token_credit(out.decode_step, out.phi, mode=self.args.dense_credit).to(device)  # [B, G]
+        in_loss = (self._trace["loss_mask"] & ~self._missing_gold.to(out.nfe.device)[:, None]).to(device)
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        B = len(out.nfe)
+        output["advantages"], share = dense_advantages(
+            output["advantages"], credit, in_loss, self.args.dense_coef, G, self.args.dense_clip,
+            gather=self.accelerator.gather, offset=self.accelerator.process_index * B)
+        self._metrics[mode]["advantage/dense_share"].append(self._gather_mean(torch.tensor([share])))
 
     def _gather_mean(self, x: torch.Tensor) -> float:
         x = torch.as_tensor(x, dtype=torch.float32, device=self.accelerator.device).reshape(-1)
@@ -410,6 +447,7 @@ class DiffusionMixin(ResumableMixin):
             trace = {k: v[rows] for k, v in self._trace.items()}
             ids, am = input_ids[rows], attention_mask[rows]
             generated = trace["decode_step"] >= 0
+            in_loss = trace.get("loss_mask", generated).bool()
             with self.accelerator.autocast():
                 if self.args.logprob_estimator == "trajectory":
                     lp, ent = trajectory_logps(adapter.logits, ids, am, gen_start, trace["decode_step"], trace["nfe"],
@@ -421,8 +459,11 @@ class DiffusionMixin(ResumableMixin):
                 else:
                     lp, ent = mean_field_logps(adapter.logits, ids, am, gen_start, generated, trace["mask_seed"],
                                                adapter.mask_id, temperature, self.args.prompt_mask_prob)
-            logps.append(lp)
-            ents.append(ent)
+            if "score_steps" in trace:  # each row's drawn steps stand for all its NFE_i steps
+                lp = lp * step_weights(trace["score_steps"], trace["nfe"]).to(lp.dtype)[:, None]
+            # Out of the loss: log-prob 0 (no gradient), so TRL's sequence sums (RLOO's ratio and KL) skip them too.
+            logps.append(torch.where(in_loss, lp, torch.zeros_like(lp)))
+            ents.append(torch.where(in_loss, ent, torch.zeros_like(ent)))
         if adapter.replaced[0] > replaced:
             self._warn_once("likelihood_nonfinite", "Non-finite logits in a likelihood pass (%d row-forwards): "
                             "replaced by uniform logits, which pass no gradient.", adapter.replaced[0] - replaced)
@@ -446,9 +487,9 @@ class DiffusionGRPOTrainer(DiffusionMixin, GRPOTrainer):
 class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
     """`trl.RLOOTrainer` generating with the diffusion sampler; config: `rl.config.DiffusionRLOOConfig`.
 
-    TRL's RLOO loss is per sequence. With dense advantages ([B, G]) this trainer uses a per-token clipped
-    loss instead (token ratio against the rollout's per-token log-probs, averaged per sequence, then over the
-    batch); with `dense_coef: 0` the loss is TRL's own, unchanged.
+    TRL's RLOO loss is per sequence. With dense advantages ([B, G]) this trainer uses the per-token clipped loss
+    of `rl.rloo_loss` instead (token ratio against the rollout's per-token log-probs, averaged per sequence over the
+    loss tokens, then over the batch); with `dense_coef: 0` the loss is TRL's own, unchanged.
     """
 
     _turn_returns_logprobs = False
@@ -482,14 +523,11 @@ class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
         logps, entropies, _ = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, inputs["completion_ids"].shape[1], compute_entropy=True
         )
-        mask = inputs["tool_mask"].float()  # [B, G] tokens the sampler decoded
-        ratio = torch.exp(logps - inputs["old_per_token_logps"])
-        clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        per_token = -torch.min(ratio * advantages, clipped * advantages)  # [B, G]
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        mask = inputs["loss_mask"].float()  # [B, G]
+        loss, stats = per_token_clipped_loss(logps, inputs["old_per_token_logps"], advantages, mask,
+                                             self.epsilon_low, self.epsilon_high)
         mode = "train" if self.model.training else "eval"
         ent = self.accelerator.reduce(torch.stack([(entropies * mask).sum(), mask.sum()]), reduction="sum")
         self._metrics[mode]["entropy"].append((ent[0] / ent[1].clamp(min=1.0)).item())
-        clip = ((ratio != clipped).float() * mask).sum() / mask.sum().clamp(min=1.0)
-        self._metrics[mode]["clip_ratio/region_mean"].append(self._gather_mean(clip))
+        self._metrics[mode]["clip_ratio/region_mean"].append(self._gather_mean(stats["clip_fraction"]))
         return loss

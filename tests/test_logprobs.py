@@ -3,7 +3,7 @@
 import torch
 from doubles import MASK, oracle_canvas, tiny_model
 
-from rl.logprobs import coupled_logps, mean_field_logps, trajectory_logps, trajectory_steps
+from rl.logprobs import coupled_logps, mean_field_logps, step_weights, trajectory_logps, trajectory_steps
 from rollout import MDLMAdapter, SamplerConfig, sample
 
 
@@ -93,3 +93,40 @@ def test_sampled_trajectory_steps_score_their_tokens_exactly_and_nothing_else():
         full, _ = trajectory_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start,
                                    out.decode_step, out.nfe, MASK, buckets=1, temperature=0.7, steps=all_steps)
     assert torch.allclose(full[out.generated], out.token_logprob[out.generated], atol=1e-5)
+
+
+def test_every_estimator_runs_a_fixed_number_of_forwards_whatever_the_data():
+    """ZeRO-3 gathers parameters per forward: a data-dependent forward count would hang the processes."""
+    adapter, out = rollout()
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return adapter.logits(*args)
+
+    seeds = torch.arange(6)
+    for rows in ([0, 1, 2, 3, 4, 5], [int(out.nfe.argmin())]):  # a one-row batch with the fewest steps too
+        nfe = out.nfe[rows].clone()
+        nfe_one = torch.ones_like(nfe)  # rows that took a single step: 7 of 8 buckets score nothing
+        decode_one = torch.where(out.decode_step[rows] >= 0, 0, -1)
+        common = (out.sequences[rows], out.attention_mask[rows], out.gen_start)
+        with torch.no_grad():
+            for decode_step, n in ((out.decode_step[rows], nfe), (decode_one, nfe_one)):
+                calls.clear()
+                trajectory_logps(counting, *common, decode_step, n, MASK, buckets=8)
+                assert len(calls) == 8
+                calls.clear()
+                steps = trajectory_steps(seeds[rows], n, 3)
+                trajectory_logps(counting, *common, decode_step, n, MASK, buckets=8, steps=steps)
+                assert len(calls) == 3
+            calls.clear()
+            mean_field_logps(counting, *common, out.generated[rows], seeds[rows], MASK)
+            assert len(calls) == 1
+            calls.clear()
+            coupled_logps(counting, *common, out.generated[rows], seeds[rows], MASK)
+            assert len(calls) == 2
+
+
+def test_step_weights_are_nfe_over_steps_drawn():
+    steps = torch.tensor([[0, 3, 5], [1, -1, -1], [-1, -1, -1]])
+    assert torch.equal(step_weights(steps, torch.tensor([9, 4, 2])), torch.tensor([3.0, 4.0, 2.0]))

@@ -8,6 +8,7 @@ from datasets import Dataset
 from doubles import tiny_model, tiny_tokenizer
 
 from rewards.intrinsic import phi_token_credit
+from rl.advantages import standardise_credit
 from rl.config import DiffusionGRPOConfig, DiffusionRLOOConfig
 from rl.trainer import DiffusionGRPOTrainer, DiffusionRLOOTrainer
 
@@ -57,10 +58,10 @@ def test_loss_mask_is_the_decoded_positions_and_ratio_is_one_on_policy(tmp_path)
     out = trainer._rollout
     assert torch.equal(batch["tool_mask"].bool(), out.generated)
     assert not batch["tool_mask"][:, 4:7].any()  # the delimiter is template, never in the loss
-    # Dense advantages: outcome advantage + dense_coef * phi credit, per token.
+    # Dense advantages: outcome advantage + dense_coef * the phi credit standardised per group of 4, per token.
     credit = phi_token_credit(out.decode_step, out.phi, mode="return_to_go").float()
     assert batch["advantages"].shape == out.decode_step.shape
-    outcome = batch["advantages"] - 0.5 * credit
+    outcome = batch["advantages"] - 0.5 * standardise_credit(credit, out.generated, 4, clip=args.dense_clip)
     assert torch.allclose(outcome, outcome[:, :1].expand_as(outcome), atol=1e-6)
     # Old (rollout time) and current log-probs agree exactly before an update.
     trainer._trace = {k: batch[k] for k in ("decode_step", "nfe", "mask_seed")}
@@ -143,13 +144,15 @@ def test_sampled_trajectory_steps_set_the_loss_mask_and_normaliser(tmp_path):
     out, steps = trainer._rollout, batch["score_steps"]
     chosen = out.generated & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
     assert torch.equal(batch["tool_mask"].bool(), chosen) and (chosen != out.generated).any()
-    assert int(batch["num_items_in_batch"]) == int((batch["completion_mask"] * batch["tool_mask"]).sum())
+    # Each scored token stands for NFE_i / S_i tokens: the normaliser is the full replay's token count.
+    assert int(batch["num_items_in_batch"]) == int(out.generated.sum())
     trainer._trace = {k: batch[k] for k in ("decode_step", "nfe", "mask_seed", "score_steps")}
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     with torch.no_grad():
         a, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, am, batch["completion_ids"].shape[1])
-    assert torch.allclose(a[chosen], out.token_logprob[chosen], atol=1e-5)  # exact states, ratio 1 on-policy
+    weight = (out.nfe.float() / (steps >= 0).sum(-1).float())[:, None].expand_as(a)  # NFE_i / S_i
+    assert torch.allclose(a[chosen], weight[chosen] * out.token_logprob[chosen], atol=1e-5)  # exact states
     assert (a[~chosen] == 0).all()
     trainer.train()
     assert trainer.state.global_step == 2
@@ -170,7 +173,9 @@ def test_loss_on_answer_false_keeps_the_answer_block_out_of_the_loss_but_not_the
     reasoning = out.generated & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
     reasoning[:, out.answer] = False
     assert torch.equal(batch["tool_mask"].bool(), reasoning) and reasoning.any()
-    assert int(batch["num_items_in_batch"]) == int(reasoning.sum())
+    eligible = out.generated.clone()
+    eligible[:, out.answer] = False
+    assert int(batch["num_items_in_batch"]) == int(eligible.sum())  # the full replay's loss tokens
     texts = trainer._answer_texts()  # the reward still reads the decoded answer block
     expected = [float(t.strip() == x["answer"]) for t, x in zip(texts, inputs)]
     assert torch.allclose(trainer._last_rewards[:, 0], torch.tensor(expected))

@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from rl.seeding import stream_seed
 from rl.sft.config import DiffusionSFTConfig
 from rl.sft.data import SFTCollator
 from rl.sft.loss import mask_answer_only, mdlm_loss, sample_noise
@@ -44,9 +45,9 @@ class DiffusionSFTTrainer(Trainer):
         collator = SFTCollator(processing_class, template, self.mdlm.mask_id, self.mdlm.max_length,
                                answer_only_rate=args.answer_only_rate,
                                reasoning_corrupt_rate=args.reasoning_corrupt_rate,
-                               seed=args.seed + args.process_index)
+                               seed=stream_seed(args.seed, "sft_data", rank=args.process_index))
         super().__init__(model=model, args=args, data_collator=collator, processing_class=processing_class, **kwargs)
-        self._noise = torch.Generator().manual_seed(args.seed + args.process_index)
+        self._noise = torch.Generator().manual_seed(stream_seed(args.seed, "sft_noise", rank=args.process_index))
         self._eval_noise = torch.Generator()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
@@ -72,7 +73,7 @@ class DiffusionSFTTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs):
         # The same masks at every evaluation, so eval losses are comparable across checkpoints.
-        self._eval_noise.manual_seed(self.args.seed + 1_000_003 + self.args.process_index)
+        self._eval_noise.manual_seed(stream_seed(self.args.seed, "sft_eval", rank=self.args.process_index))
         return super().evaluate(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
