@@ -62,6 +62,19 @@ def test_answer_reading_and_until():
     assert cut_at("a b", []) == "a b"
 
 
+def test_task_helpers_score_the_answer_after_the_delimiter_and_read_the_split_from_metadata():
+    spec = importlib.util.spec_from_file_location("task_utils", os.path.join(ROOT, "recipes", "lm_eval", "utils.py"))
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    doc = {"prompt": "...", "answer": "18"}
+    assert utils.process_results(doc, ["Add 9 to get 17.\nThe answer is 18 dollars"]) == {"accuracy": 1.0}
+    assert utils.process_results(doc, ["Add 9 to get 18.\nThe answer is 17"]) == {"accuracy": 0.0}
+    # lm-eval passes the task metadata, which holds the model_args too: only TaskConfig keys count.
+    split = utils.arithmetic(pretrained="x", seed=3, version=1.0, test_size=5, min_ops=1, max_ops=2)["test"]
+    expected = load_task(TaskConfig(**{**utils.ARITHMETIC, "test_size": 5, "min_ops": 1, "max_ops": 2}), split="test")
+    assert split["prompt"] == expected.dataset["prompt"] and len(split) == 5
+
+
 @pytest.fixture(scope="module")
 def gsm8k_model_dir(tmp_path_factory):
     if not os.path.isfile(DATA):
