@@ -22,7 +22,7 @@ How a request maps onto the sampler (docs/lm_eval.md has the details):
   gives dataset row `doc_id`, whatever order lm-eval passes the requests in; the r-th repeat of a document
   (`repeats` > 1) uses `row_seed(seed + r, doc_id)`, i.e. the evaluate.py run with `--seed seed+r`.
 - NFE: every request's trace (nfe, exit step, decode steps, H_UB) goes to `output_file` (JSONL) when it is set;
-  per-task totals (mean NFE, exit rate, tokens per NFE) are logged after each batch of requests and returned by
+  per-task totals (mean NFE, exit rate, tokens per NFE) are logged after each `generate_until` call and returned by
   `get_model_info`, which lm-eval copies into `results["config"]["infill_rl"]`.
 - `loglikelihood` / `loglikelihood_rolling` raise NotImplementedError: a masked diffusion LM has no exact token
   log-likelihood (only an ELBO), so multiple-choice and perplexity tasks are out of scope.
