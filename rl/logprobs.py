@@ -29,10 +29,10 @@ S), so processes under ZeRO-3 (which gathers parameters per forward) never wait 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-ESTIMATORS = ("mean_field", "coupled", "trajectory")
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -160,3 +160,37 @@ def trajectory_logps(
         logp, ent = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)
         out, ent_out = torch.where(scored, logp, out), torch.where(scored, ent, ent_out)
     return out, ent_out
+
+
+@dataclass(frozen=True)
+class EstimatorOptions:
+    """The recipe's estimator settings (`logprob_estimator`, `trajectory_buckets`, `prompt_mask_prob`)."""
+
+    temperature: float = 1.0
+    buckets: int = 8
+    prompt_mask_prob: float = 0.15
+
+
+Estimator = Callable[[LogitsFn, torch.Tensor, torch.Tensor, int, dict, int, EstimatorOptions],
+                     tuple[torch.Tensor, torch.Tensor]]
+
+
+def _mean_field(logits_fn, input_ids, attention_mask, gen_start, trace, mask_id, options):
+    return mean_field_logps(logits_fn, input_ids, attention_mask, gen_start, trace["decode_step"] >= 0,
+                            trace["mask_seed"], mask_id, options.temperature, options.prompt_mask_prob)
+
+
+def _coupled(logits_fn, input_ids, attention_mask, gen_start, trace, mask_id, options):
+    return coupled_logps(logits_fn, input_ids, attention_mask, gen_start, trace["decode_step"] >= 0,
+                         trace["mask_seed"], mask_id, options.temperature)
+
+
+def _trajectory(logits_fn, input_ids, attention_mask, gen_start, trace, mask_id, options):
+    return trajectory_logps(logits_fn, input_ids, attention_mask, gen_start, trace["decode_step"], trace["nfe"],
+                            mask_id, options.buckets, options.temperature, steps=trace.get("score_steps"))
+
+
+ESTIMATORS: dict[str, Estimator] = {"mean_field": _mean_field, "coupled": _coupled, "trajectory": _trajectory}
+"""Every estimator behind one signature: (logits_fn, input_ids [B, L], attention_mask [B, L], gen_start, trace,
+mask_id, options) -> ([B, G] log-probs, [B, G] entropies). `trace` holds the rollout's per-row tensors:
+decode_step [B, G], nfe [B], mask_seed [B] and, with sampled trajectory steps, score_steps [B, S]."""

@@ -32,7 +32,7 @@ from trl import GRPOTrainer, RLOOTrainer
 from rl.advantages import dense_advantages
 from rl.checkpoint import ResumableMixin
 from rl.diagnostics import NAN, DiagnosticsMixin, FiniteLogitsAdapter, log_once, nonfinite_rows, silenced
-from rl.logprobs import coupled_logps, mean_field_logps, step_weights, trajectory_logps, trajectory_steps
+from rl.logprobs import ESTIMATORS, EstimatorOptions, step_weights, trajectory_steps
 from rl.rloo_loss import per_token_clipped_loss
 from rl.seeding import row_seeds
 from rollout import MDLMAdapter, decode_block, layout_canvas, sample
@@ -255,25 +255,16 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         replaced = adapter.replaced[0]
         gen_start = input_ids.shape[1] - logits_to_keep
         batch_size = batch_size or input_ids.shape[0]
-        temperature = self.args.temperature
+        estimator = ESTIMATORS[self.args.logprob_estimator]
+        options = EstimatorOptions(self.args.temperature, self.args.trajectory_buckets, self.args.prompt_mask_prob)
         logps, ents = [], []
         for s in range(0, input_ids.shape[0], batch_size):
             rows = slice(s, s + batch_size)
             trace = {k: v[rows] for k, v in self._trace.items()}
-            ids, am = input_ids[rows], attention_mask[rows]
-            generated = trace["decode_step"] >= 0
-            in_loss = trace.get("loss_mask", generated).bool()
+            in_loss = trace.get("loss_mask", trace["decode_step"] >= 0).bool()
             with self.accelerator.autocast():
-                if self.args.logprob_estimator == "trajectory":
-                    lp, ent = trajectory_logps(adapter.logits, ids, am, gen_start, trace["decode_step"], trace["nfe"],
-                                               adapter.mask_id, self.args.trajectory_buckets, temperature,
-                                               steps=trace.get("score_steps"))
-                elif self.args.logprob_estimator == "coupled":
-                    lp, ent = coupled_logps(adapter.logits, ids, am, gen_start, generated, trace["mask_seed"],
-                                            adapter.mask_id, temperature)
-                else:
-                    lp, ent = mean_field_logps(adapter.logits, ids, am, gen_start, generated, trace["mask_seed"],
-                                               adapter.mask_id, temperature, self.args.prompt_mask_prob)
+                lp, ent = estimator(adapter.logits, input_ids[rows], attention_mask[rows], gen_start, trace,
+                                    adapter.mask_id, options)
             if "score_steps" in trace:  # each row's drawn steps stand for all its NFE_i steps
                 lp = lp * step_weights(trace["score_steps"], trace["nfe"]).to(lp.dtype)[:, None]
             # Out of the loss: log-prob 0 (no gradient), so TRL's sequence sums (RLOO's ratio and KL) skip them too.

@@ -3,7 +3,15 @@
 import torch
 from doubles import MASK, oracle_canvas, tiny_model
 
-from rl.logprobs import coupled_logps, mean_field_logps, step_weights, trajectory_logps, trajectory_steps
+from rl.logprobs import (
+    ESTIMATORS,
+    EstimatorOptions,
+    coupled_logps,
+    mean_field_logps,
+    step_weights,
+    trajectory_logps,
+    trajectory_steps,
+)
 from rollout import MDLMAdapter, SamplerConfig, sample
 
 
@@ -130,3 +138,22 @@ def test_every_estimator_runs_a_fixed_number_of_forwards_whatever_the_data():
 def test_step_weights_are_nfe_over_steps_drawn():
     steps = torch.tensor([[0, 3, 5], [1, -1, -1], [-1, -1, -1]])
     assert torch.equal(step_weights(steps, torch.tensor([9, 4, 2])), torch.tensor([3.0, 4.0, 2.0]))
+
+
+def test_every_registered_estimator_takes_one_signature():
+    adapter, out = rollout()
+    trace = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": torch.arange(6)}
+    options = EstimatorOptions(temperature=0.7, buckets=3, prompt_mask_prob=0.0)
+    with torch.no_grad():
+        direct = {
+            "mean_field": mean_field_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start,
+                                           out.generated, torch.arange(6), MASK, 0.7, 0.0)[0],
+            "coupled": coupled_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start, out.generated,
+                                     torch.arange(6), MASK, 0.7)[0],
+            "trajectory": trajectory_logps(adapter.logits, out.sequences, out.attention_mask, out.gen_start,
+                                           out.decode_step, out.nfe, MASK, 3, 0.7)[0],
+        }
+        assert set(ESTIMATORS) == set(direct)
+        for name, estimator in ESTIMATORS.items():
+            lp, ent = estimator(adapter.logits, out.sequences, out.attention_mask, out.gen_start, trace, MASK, options)
+            assert torch.equal(lp, direct[name]) and ent.shape == lp.shape, name
