@@ -91,3 +91,35 @@ def test_two_process_deepspeed_zero2_grpo_runs_two_steps(tmp_path, model_dir):
     assert logs == [f"step{s:06d}_rank{r}.jsonl" for s in (0, 1) for r in (0, 1)], logs
     assert "Distributed: DEEPSPEED (ZeRO stage 2), 2 process(es)." in proc.stdout + proc.stderr
     assert os.path.exists(out / "final" / "recipe.yaml")
+
+
+@pytest.mark.slow
+def test_two_process_deepspeed_zero3_grpo_runs_two_steps(tmp_path, model_dir):
+    """ZeRO-3 gathers each layer's parameters at every forward, so every process must run the same number of
+    forwards per micro-step: the estimators' forward count is fixed (mean_field 1, coupled 2, trajectory S) and
+    generation gathers the whole model once (TRL's unwrap_model_for_generation)."""
+    with open(os.path.join(ROOT, "recipes", "accelerate", "zero3.yaml")) as f:
+        config = yaml.safe_load(f)
+    # Shard even the tiny model's parameters (DeepSpeed keeps parameters under 100k elements whole by default, and
+    # whole parameters need no gather, so a differing forward count would go unnoticed).
+    ds_config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                 "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                 "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    config["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": True,
+                                  "deepspeed_multinode_launcher": "standard"}
+    config.pop("mixed_precision")  # the DeepSpeed file decides (fp32)
+    config.update(num_processes=2, main_process_port=_free_port())
+    config_file = tmp_path / "zero3_cpu.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    # Contiguous buckets: rows with fewer steps than buckets left buckets empty, and used to skip their forwards.
+    flags = [*_flags(model_dir, out), "--trajectory_sample_steps=false", "--trajectory_buckets=16"]  # > NFE
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           os.path.join(ROOT, "scripts", "grpo.py"), os.path.join(ROOT, "recipes", "tiny", "grpo.yaml"), *flags]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = sorted(os.path.basename(p) for p in glob.glob(str(out / "rollouts" / "*.jsonl")))
+    assert logs == [f"step{s:06d}_rank{r}.jsonl" for s in (0, 1) for r in (0, 1)], logs
+    assert "Distributed: DEEPSPEED (ZeRO stage 3), 2 process(es)." in proc.stdout + proc.stderr
