@@ -203,3 +203,32 @@ class DiagnosticsMixin:
         if self._rows_skipped is not None and mode == "train":
             m["data/rows_skipped"].append(float(self._rows_skipped))  # once: the loader's count
             self._rows_skipped = None
+
+    def _screen_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
+        """NaN (TRL: not scorable, advantage 0) for rows met by non-finite logits or without a gold answer and
+        for +-inf values; count rows without any reward and groups without any scorable row."""
+        mode = "train" if self.model.training else "eval"
+        unusable = self.accelerator.gather((self._nonfinite | self._missing_gold).long().to(rewards.device)).bool()
+        inf = torch.isinf(rewards)
+        if inf.any():
+            self._warn_once("inf_reward", "A reward function returned +-inf for %d value(s); they count as None "
+                            "(reward/none_rows when no function scored the row).", int(inf.sum()))
+        rewards = torch.where(inf | unusable[:, None], torch.full_like(rewards, NAN), rewards)
+        none = torch.isnan(rewards).all(-1)  # [B_global]
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        all_none = none.view(-1, group_size).all(-1)  # [groups]
+        m = self._metrics[mode]
+        m["reward/none_rows"].append(float(none.sum()))
+        m["reward/all_none_groups"].append(float(all_none.sum()))
+        if none.any():
+            self._warn_once("none_rows", "%d of %d rollouts got no reward (every reward function returned None, or "
+                            "the row was unusable); they get advantage 0 and stay out of the group baselines "
+                            "(reward/none_rows; %d whole groups: reward/all_none_groups).",
+                            int(none.sum()), len(none), int(all_none.sum()))
+        total = (rewards * self.reward_weights.to(rewards.device, rewards.dtype)).nansum(-1).masked_fill(none, NAN)
+        grouped = total.view(-1, group_size)  # [groups, group_size]
+        spread = grouped.nan_to_num(-torch.inf).amax(-1) - grouped.nan_to_num(torch.inf).amin(-1)
+        if mode == "train" and not (spread > 0).any():
+            self._warn_once("no_signal", "Step %d: every group had identical rewards (or none): the outcome "
+                            "advantage is 0 for the whole batch (frac_reward_zero_std).", self.state.global_step)
+        return rewards

@@ -46,6 +46,10 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
 
     _turn_returns_logprobs = True  # TRL's GRPO `_generate_single_turn` returns (ids, logprobs), RLOO's only ids
 
+    def __init__(self, *args, heldout_dataset=None, rows_skipped: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)  # the TRL trainer's
+        self._init_diffusion(heldout_dataset, rows_skipped)
+
     def _init_diffusion(self, heldout_dataset=None, rows_skipped: int = 0) -> None:
         model = self.accelerator.unwrap_model(self.model)
         self._adapter = FiniteLogitsAdapter.wrap(MDLMAdapter.from_pretrained(model, self.processing_class))
@@ -149,35 +153,6 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         self._last_rewards = rewards
         return rewards
 
-    def _screen_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
-        """NaN (TRL: not scorable, advantage 0) for rows met by non-finite logits or without a gold answer and
-        for +-inf values; count rows without any reward and groups without any scorable row."""
-        mode = "train" if self.model.training else "eval"
-        unusable = self.accelerator.gather((self._nonfinite | self._missing_gold).long().to(rewards.device)).bool()
-        inf = torch.isinf(rewards)
-        if inf.any():
-            self._warn_once("inf_reward", "A reward function returned +-inf for %d value(s); they count as None "
-                            "(reward/none_rows when no function scored the row).", int(inf.sum()))
-        rewards = torch.where(inf | unusable[:, None], torch.full_like(rewards, NAN), rewards)
-        none = torch.isnan(rewards).all(-1)  # [B_global]
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        all_none = none.view(-1, group_size).all(-1)  # [groups]
-        m = self._metrics[mode]
-        m["reward/none_rows"].append(float(none.sum()))
-        m["reward/all_none_groups"].append(float(all_none.sum()))
-        if none.any():
-            self._warn_once("none_rows", "%d of %d rollouts got no reward (every reward function returned None, or "
-                            "the row was unusable); they get advantage 0 and stay out of the group baselines "
-                            "(reward/none_rows; %d whole groups: reward/all_none_groups).",
-                            int(none.sum()), len(none), int(all_none.sum()))
-        total = (rewards * self.reward_weights.to(rewards.device, rewards.dtype)).nansum(-1).masked_fill(none, NAN)
-        grouped = total.view(-1, group_size)  # [groups, group_size]
-        spread = grouped.nan_to_num(-torch.inf).amax(-1) - grouped.nan_to_num(torch.inf).amin(-1)
-        if mode == "train" and not (spread > 0).any():
-            self._warn_once("no_signal", "Step %d: every group had identical rewards (or none): the outcome "
-                            "advantage is 0 for the whole batch (frac_reward_zero_std).", self.state.global_step)
-        return rewards
-
     def _generate_and_score_completions(self, inputs):
         if "answer" in inputs[0]:
             golds = [x["answer"] for x in inputs]
@@ -279,10 +254,6 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
 class DiffusionGRPOTrainer(DiffusionMixin, GRPOTrainer):
     """`trl.GRPOTrainer` generating with the diffusion sampler; config: `rl.config.DiffusionGRPOConfig`."""
 
-    def __init__(self, *args, heldout_dataset=None, rows_skipped: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_diffusion(heldout_dataset, rows_skipped)
-
     def _skip_is_exact(self) -> bool:
         # Token-sum losses normalised by the generation batch's token count: a zero-advantage row adds 0 and does
         # not change the normaliser. KL, entropy bonus/mask and router losses would still see the row.
@@ -299,10 +270,6 @@ class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
     """
 
     _turn_returns_logprobs = False
-
-    def __init__(self, *args, heldout_dataset=None, rows_skipped: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_diffusion(heldout_dataset, rows_skipped)
 
     def _generate_and_score_completions(self, inputs):
         self._old_per_token = None
