@@ -65,9 +65,10 @@ def test_bad_values_fail_in_post_init(tmp_path):
         parse([TaskConfig], [_write(tmp_path, "task: gsm\n")])
 
 
-# Accelerate configs are checked below; ablation recipes (nested: base + arms) in tests/test_ablate.py.
+# Accelerate configs are checked below; ablation recipes (nested: base + arms) in tests/test_ablate.py; the
+# lm-evaluation-harness task files (recipes/lm_eval/) in tests/test_lm_eval.py.
 RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True)
-                 if os.sep + "accelerate" + os.sep not in p and os.sep + "ablations" + os.sep not in p)
+                 if not any(os.sep + d + os.sep in p for d in ("accelerate", "ablations", "lm_eval")))
 
 
 def _entry_point(path: str) -> str:
