@@ -170,7 +170,7 @@ def grpo_step(model, tokenizer_texts, args, device, bf16: bool) -> dict:
             policy="med", med_lambda=args.med_lambda, learning_rate=1e-5, beta=0.0, report_to=[], save_strategy="no",
             logging_steps=1, gradient_checkpointing=True, trajectory_buckets=4, seed=args.seed, rollout_log_dir="",
         )
-        peft = LoraConfig(r=128, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft = LoraConfig(r=128, lora_alpha=64, target_modules="all-linear")  # no task type: PEFT wraps any model
         model.train()
         trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[_math()], args=config,
                                        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,

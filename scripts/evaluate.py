@@ -3,7 +3,7 @@
     python scripts/evaluate.py --model_name_or_path outputs/tiny/sft/final --policy left_to_right
     python scripts/evaluate.py --model_name_or_path outputs/tiny/sft/final --policy med --med_lambda 0.2
     python scripts/evaluate.py recipes/tiny/eval.yaml --exit_gamma 0.1
-    python scripts/evaluate.py --model_name_or_path GSAI-ML/LLaDA-8B-Base --trust_remote_code \\
+    python scripts/evaluate.py --model_name_or_path GSAI-ML/LLaDA-8B-Base \\
         --task gsm8k --dataset_path ../shared/data/gsm8k_test.jsonl --reasoning_length 256 --block_length 32
 
 Keys are the fields of ModelConfig, TaskConfig, TemplateConfig, SamplerConfig and EvalConfig. A model dir that
