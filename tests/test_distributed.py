@@ -71,6 +71,16 @@ def test_two_process_ddp_grpo_runs_two_steps(tmp_path, model_dir):
     assert "Distributed: MULTI_CPU, 2 process(es)." in proc.stdout + proc.stderr
 
 
+
+def _launch_two_steps(cmd: list[str], out, timeout: int) -> subprocess.CompletedProcess:
+    """Run a 2-process launch of 2 GRPO steps; it must succeed and each rank must log each step's rollouts."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = sorted(os.path.basename(p) for p in glob.glob(str(out / "rollouts" / "*.jsonl")))
+    assert logs == [f"step{s:06d}_rank{r}.jsonl" for s in (0, 1) for r in (0, 1)], logs
+    return proc
+
 @pytest.mark.slow
 def test_two_process_deepspeed_zero2_grpo_runs_two_steps(tmp_path, model_dir):
     """The shipped ZeRO-2 accelerate config, with 2 processes and fp32, on CPU (gloo). DeepSpeed JIT-compiles its
@@ -84,11 +94,7 @@ def test_two_process_deepspeed_zero2_grpo_runs_two_steps(tmp_path, model_dir):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
            os.path.join(ROOT, "scripts", "grpo.py"), os.path.join(ROOT, "recipes", "tiny", "grpo.yaml"),
            *_flags(model_dir, out)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    logs = sorted(os.path.basename(p) for p in glob.glob(str(out / "rollouts" / "*.jsonl")))
-    assert logs == [f"step{s:06d}_rank{r}.jsonl" for s in (0, 1) for r in (0, 1)], logs
+    proc = _launch_two_steps(cmd, out, timeout=1200)
     assert "Distributed: DEEPSPEED (ZeRO stage 2), 2 process(es)." in proc.stdout + proc.stderr
     assert os.path.exists(out / "final" / "recipe.yaml")
 
@@ -117,9 +123,5 @@ def test_two_process_deepspeed_zero3_grpo_runs_two_steps(tmp_path, model_dir):
     flags = [*_flags(model_dir, out), "--trajectory_sample_steps=false", "--trajectory_buckets=16"]  # > NFE
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
            os.path.join(ROOT, "scripts", "grpo.py"), os.path.join(ROOT, "recipes", "tiny", "grpo.yaml"), *flags]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    logs = sorted(os.path.basename(p) for p in glob.glob(str(out / "rollouts" / "*.jsonl")))
-    assert logs == [f"step{s:06d}_rank{r}.jsonl" for s in (0, 1) for r in (0, 1)], logs
+    proc = _launch_two_steps(cmd, out, timeout=600)
     assert "Distributed: DEEPSPEED (ZeRO stage 3), 2 process(es)." in proc.stdout + proc.stderr

@@ -12,6 +12,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from rollout.native.bidirectional import make_bidirectional, require_bidirectional
+
 KEY_MAPPING: dict[str, str] = {}  # Dream's keys are Qwen2ForCausalLM's
 
 
@@ -30,11 +32,9 @@ class NativeDreamForMaskedLM(Qwen2ForCausalLM):
     config_class = NativeDreamConfig
 
     def __init__(self, config: NativeDreamConfig):
-        if getattr(config, "is_causal", True):
-            raise ValueError("NativeDreamForMaskedLM is bidirectional: its config must have is_causal=False.")
+        require_bidirectional(config, "NativeDreamForMaskedLM")
         super().__init__(config)
-        for layer in self.model.layers:
-            layer.self_attn.is_causal = False
+        make_bidirectional(self.model.layers)
 
 
 MODEL = NativeDreamForMaskedLM

@@ -19,6 +19,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rollout.native.bidirectional import make_bidirectional, require_bidirectional
+
 # Checkpoint key regex -> native key (transformers' `key_mapping`, applied to each key once, first match wins).
 KEY_MAPPING = {
     r"^model\.transformer\.wte\.": "model.embed_tokens.",
@@ -70,11 +72,9 @@ class NativeLLaDAForMaskedLM(LlamaForCausalLM):
     config_class = NativeLLaDAConfig
 
     def __init__(self, config: NativeLLaDAConfig):
-        if getattr(config, "is_causal", True):
-            raise ValueError("NativeLLaDAForMaskedLM is bidirectional: its config must have is_causal=False.")
+        require_bidirectional(config, "NativeLLaDAForMaskedLM")
         super().__init__(config)
-        for layer in self.model.layers:
-            layer.self_attn.is_causal = False
+        make_bidirectional(self.model.layers)
 
 
 MODEL = NativeLLaDAForMaskedLM
