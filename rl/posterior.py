@@ -105,14 +105,16 @@ def canonical_trace(tokenizer, tokens: torch.Tensor, stop_ids: tuple[int, ...], 
     Args:
         tokens: [B, R] sampled reasoning block.
     Returns:
-        (B texts, [B, R] token ids of those texts, counts: rows whose ids differ from the sampled ones
-        (`traces_reencoded`, e.g. tokens after the stop id or special tokens inside), and rows whose text needs more
-        than R tokens (`traces_too_long`, cut here; SFT's `overflow` setting skips them)).
+        (B texts, [B, R] token ids of those texts, [B] bool: the text needs more than R tokens (cut here, so its
+        score is not the score of the text; never kept), counts: rows whose ids differ from the sampled ones
+        (`traces_reencoded`, e.g. tokens after the stop id or special tokens inside) and `traces_too_long`).
     """
     R = tokens.shape[1]
     texts = [decode_block(tokenizer, row, stop_ids, mask_id) for row in tokens]
-    ids, too_long = encode_block(tokenizer, texts, R, pad_id, "posterior reasoning", overflow="truncate")
-    return texts, ids, {"traces_reencoded": int((ids != tokens.cpu()).any(-1).sum()), "traces_too_long": too_long}
+    ids, too_long, lengths = encode_block(tokenizer, texts, R, pad_id, "posterior reasoning", overflow="truncate")
+    overflow = [n > R for n in lengths]
+    counts = {"traces_reencoded": int((ids != tokens.cpu()).any(-1).sum()), "traces_too_long": too_long}
+    return texts, ids, overflow, counts
 
 
 @torch.no_grad()
@@ -142,12 +144,13 @@ def phi_trajectory(adapter: MDLMAdapter, canvas: Canvas, trace: torch.Tensor) ->
     ids[:, a0:a1] = canvas.mask_id
     trace = trace.to(ids.device)
     gold = canvas.gold[:, :, None]  # [B, A, 1]
+    weights = canvas.phi_weights().double()  # [B, A] the gold positions phi sums
     keep = ids.shape[1] - a0  # logits from the answer block to the end
     phi = torch.empty((B, R), dtype=torch.float64, device=ids.device)
     for t in range(R):
         ids[:, r0 + t] = trace[:, t]
         logits = adapter.logits(ids, attn, keep_last=keep)[:, : a1 - a0]  # [B, A, V]
-        phi[:, t] = torch.log_softmax(logits.double(), -1).gather(-1, gold).squeeze(-1).sum(-1)
+        phi[:, t] = (torch.log_softmax(logits.double(), -1).gather(-1, gold).squeeze(-1) * weights).sum(-1)
     return phi
 
 
@@ -204,24 +207,29 @@ def numbers_match(trace: str, gold: str) -> bool:
     return _NUMBER.findall(trace) == _NUMBER.findall(gold)
 
 
-def select_by_score(scores: list[float], min_score: float | None = None,
-                    keep_top_fraction: float | None = None) -> tuple[list[bool], float | None]:
-    """Which traces to keep: score >= threshold. Returns (keep flags, threshold; None = keep all).
+def select_by_score(scores: list[float], min_score: float | None = None, keep_top_fraction: float | None = None,
+                    eligible: list[bool] | None = None) -> tuple[list[bool], float | None]:
+    """Which traces to keep: eligible and score >= threshold. Returns (keep flags, threshold; None = keep all).
 
-    With `keep_top_fraction` f the threshold is the ceil(f * n)-th highest score, so ties at the threshold are all
-    kept (possibly a little more than f * n traces).
+    With `keep_top_fraction` f the threshold is the ceil(f * n)-th highest score among the n eligible traces, so
+    ties at the threshold are all kept (possibly a little more than f * n traces). `eligible` (default: all) rules
+    traces out whatever their score (e.g. `too_long`: their text is not what was scored).
     """
+    eligible = [True] * len(scores) if eligible is None else list(eligible)
+    if len(eligible) != len(scores):
+        raise ValueError(f"{len(scores)} scores but {len(eligible)} eligibility flags.")
     if min_score is not None and keep_top_fraction is not None:
         raise ValueError("Pass min_score or keep_top_fraction, not both.")
     threshold = min_score
     if keep_top_fraction is not None:
         if not 0 < keep_top_fraction <= 1:
             raise ValueError(f"keep_top_fraction must be in (0, 1], got {keep_top_fraction}.")
-        n_keep = max(1, math.ceil(keep_top_fraction * len(scores)))
-        threshold = sorted(scores, reverse=True)[n_keep - 1] if scores else None
+        pool = [s for s, ok in zip(scores, eligible) if ok]
+        n_keep = max(1, math.ceil(keep_top_fraction * len(pool)))
+        threshold = sorted(pool, reverse=True)[n_keep - 1] if pool else None
     if threshold is None:
-        return [True] * len(scores), None
-    return [s >= threshold for s in scores], threshold
+        return eligible, None
+    return [ok and s >= threshold for s, ok in zip(scores, eligible)], threshold
 
 
 def _fits(tokenizer, answers: list[str], length: int) -> list[bool]:
@@ -266,7 +274,7 @@ def generate_traces(adapter: MDLMAdapter, tokenizer, dataset, template: Template
             start = time.perf_counter()
             out = sample_posterior(adapter, canvas, sampler, seeds)
             report["sample_seconds"] += time.perf_counter() - start
-            texts, trace, counts = canonical_trace(tokenizer, out.generation[:, out.reasoning].cpu(), adapter.eos_ids,
+            texts, trace, overflow, counts = canonical_trace(tokenizer, out.generation[:, out.reasoning].cpu(), adapter.eos_ids,
                                                    adapter.mask_id, pad)
             for key, n in counts.items():
                 report[key] += n
@@ -283,7 +291,7 @@ def generate_traces(adapter: MDLMAdapter, tokenizer, dataset, template: Template
                     "correct_reasoning": reasoning_matches(text, gold) if labelled else None,
                     "numbers_match": numbers_match(text, gold) if labelled else None,
                     "score": float(phi[j].mean()), "phi_final": float(phi[j, -1]), "nfe": int(out.nfe[j]),
-                    "phi": [round(x, 5) for x in phi[j].tolist()],
+                    "phi": [round(x, 5) for x in phi[j].tolist()], "too_long": overflow[j],
                 })
             bar.update(len(chunk))
     report["sample_seconds"] = round(report["sample_seconds"], 2)

@@ -2,7 +2,8 @@
 
 One step = one forward pass (NFE) over the active rows. From its logits the sampler reads, for free:
 the unmasking scores of every masked position (T=1 distribution), the answer block's entropy sum H_UB(t)
-and, given gold answers, the potential phi(t) = sum_j log p_t(a_j = a*_j). Then:
+and, given gold answers, the potential phi(t) = sum_j log p_t(a_j = a*_j) over the gold's scored positions (its
+own tokens and the first padding token, `Canvas.gold_scored`). Then:
 
 1. Early exit: a row whose answer block is still fully masked and has H_UB(t) < exit_gamma fills the whole
    answer block at this step; reasoning positions never decoded stay masked ("not generated"). Pruning (training
@@ -251,6 +252,7 @@ def sample(
     pruned = torch.zeros(B, dtype=torch.bool, device=device)
     h_ub = torch.full((B, max_steps), float("nan"), dtype=torch.float64, device=device)
     phi = h_ub.clone() if canvas.gold is not None else None
+    phi_w = canvas.phi_weights().double() if phi is not None else None  # [B, A] gold positions phi sums
     active = torch.nonzero(canvas.masked().any(-1)).squeeze(-1)  # rows with something to decode
     forwards = 0
 
@@ -272,7 +274,7 @@ def sample(
             if phi is not None:
                 logp = torch.log_softmax(logits[:, canvas.answer].double(), -1)  # [b, A, V]
                 gold = canvas.gold[active][:, :, None]
-                phi_t = logp.gather(-1, gold).squeeze(-1).sum(-1)  # [b]
+                phi_t = (logp.gather(-1, gold).squeeze(-1) * phi_w[active]).sum(-1)  # [b]
                 phi[active[fresh], t[fresh]] = phi_t[fresh]
             if config.exit_gamma is not None:
                 exiting = fresh & (hub < config.exit_gamma)

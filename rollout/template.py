@@ -69,6 +69,9 @@ class Canvas:
         gold: [B, A] gold answer ids right-padded to A, or None.
         mask_id: the mask token id.
         report: counts of adjustments made while building (truncated prompts, ...).
+        gold_scored: [B, A] bool, the gold positions phi sums: the answer's own tokens and the first padding token
+            (it says where the answer ends); the rest of the padding is left out, so phi's scale follows the
+            answer, not A. None: every position (hand-built canvases).
     """
 
     input_ids: torch.Tensor
@@ -79,6 +82,7 @@ class Canvas:
     gold: torch.Tensor | None
     mask_id: int
     report: dict = field(default_factory=dict)
+    gold_scored: torch.Tensor | None = None
 
     @property
     def gen_length(self) -> int:
@@ -94,11 +98,18 @@ class Canvas:
         return self.generation == self.mask_id
 
     def to(self, device: torch.device | str) -> Canvas:
-        gold = self.gold.to(device) if self.gold is not None else None
+        gold, scored = (None if x is None else x.to(device) for x in (self.gold, self.gold_scored))
         return Canvas(
             self.input_ids.to(device), self.attention_mask.to(device), self.gen_start, self.reasoning,
-            self.answer, gold, self.mask_id, dict(self.report),
+            self.answer, gold, self.mask_id, dict(self.report), scored,
         )
+
+    def phi_weights(self) -> torch.Tensor:
+        """[B, A] float: 1 at the gold positions phi sums (`gold_scored`), 0 elsewhere."""
+        if self.gold is None:
+            raise ValueError("phi needs gold answers on the canvas (build_canvas(..., answers=...)).")
+        scored = self.gold_scored if self.gold_scored is not None else torch.ones_like(self.gold, dtype=torch.bool)
+        return scored.to(self.gold.device, torch.float32)
 
     def fill_answer(self) -> Canvas:
         """Pre-fill the answer block with the gold answer (posterior sampling p(r | c, a*))."""
@@ -108,7 +119,7 @@ class Canvas:
         start = self.gen_start + self.answer.start
         ids[:, start : start + self.gold.shape[1]] = self.gold.to(ids.device)
         return Canvas(ids, self.attention_mask, self.gen_start, self.reasoning, self.answer, self.gold,
-                      self.mask_id, dict(self.report))
+                      self.mask_id, dict(self.report), self.gold_scored)
 
 
 def _pad_token(tokenizer, pad_with: str) -> int:
@@ -134,12 +145,13 @@ def encode_prompt(tokenizer, prompt: str | list[dict], config: TemplateConfig) -
 def encode_block(tokenizer, texts: list[str], length: int, pad_id: int, what: str, overflow: str = "error"):
     """Encode texts into a right-padded [B, length] block.
 
-    Returns (ids, n_overflow). `overflow='error'` raises on a text longer than `length` (naming the first
+    Returns (ids, n_overflow, lengths): lengths are each text's token count before any cut. `overflow='error'` raises on a text longer than `length` (naming the first
     offending row); 'truncate' cuts it and counts it.
     """
-    rows, n_over, first = [], 0, None
+    rows, lengths, n_over, first = [], [], 0, None
     for i, text in enumerate(texts):
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        lengths.append(len(ids))
         if len(ids) > length:
             n_over += 1
             if first is None:
@@ -152,7 +164,7 @@ def encode_block(tokenizer, texts: list[str], length: int, pad_id: int, what: st
             f"{n_over} {what} text(s) do not fit their block of {length} tokens (row {i}: {n} tokens, "
             f"{text[:80]!r}). Increase the block length or pass overflow='truncate' to cut and count them."
         )
-    return torch.tensor(rows, dtype=torch.long).reshape(len(texts), length), n_over
+    return torch.tensor(rows, dtype=torch.long).reshape(len(texts), length), n_over, lengths
 
 
 def build_canvas(
@@ -239,14 +251,15 @@ def layout_canvas(
         attention_mask[i, prompt_len - len(ids) :] = 1
     input_ids[:, prompt_len:] = torch.tensor(gen)
 
-    gold = None
+    gold = scored = None
     if answers is not None:
-        gold, report["answers_truncated"] = encode_block(tokenizer, answers, A, pad_block, "gold answer",
-                                                         answer_overflow)
+        gold, report["answers_truncated"], kept = encode_block(tokenizer, answers, A, pad_block, "gold answer",
+                                                               answer_overflow)
+        scored = torch.arange(A)[None] <= torch.tensor(kept)[:, None]  # the answer + its first padding token
         if report["answers_truncated"]:
             logger.warning("Truncated %d gold answer(s) to the answer block of %d tokens.",
                            report["answers_truncated"], A)
-    return Canvas(input_ids, attention_mask, prompt_len, slice(0, R), answer, gold, mask_id, report)
+    return Canvas(input_ids, attention_mask, prompt_len, slice(0, R), answer, gold, mask_id, report, scored)
 
 
 def decode_block(tokenizer, tokens: torch.Tensor, stop_ids: tuple[int, ...], mask_id: int) -> str:

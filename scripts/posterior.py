@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_for_inference(model_cfg, default_device(config.device))
     adapter = MDLMAdapter.from_pretrained(model, tokenizer)
     records, report = generate_traces(adapter, tokenizer, data.dataset, template, sampler, config)
-    keep, threshold = select_by_score([r["score"] for r in records], config.min_score, config.keep_top_fraction)
+    keep, threshold = select_by_score([r["score"] for r in records], config.min_score, config.keep_top_fraction,
+                                       [not r["too_long"] for r in records])
     summary = {"model": model_cfg.model_name_or_path, "task": task.task, "split": split,
                "traces_per_question": config.traces_per_question, "policy": sampler.policy,
                "temperature": sampler.temperature, **summarize(records, keep, threshold), **report,

@@ -98,7 +98,8 @@ def _hand_phi(adapter, tok, prompt, answer, trace, t):
     logits[..., adapter.mask_id] = -math.inf
     cols = [c.gen_start + c.answer.start + j for j in range(SHORT.answer_length)]
     logp = torch.log_softmax(logits[0, cols], -1)  # [A, V]
-    return sum(logp[j, c.gold[0, j]].item() for j in range(SHORT.answer_length))
+    n = len(tok(answer, add_special_tokens=False)["input_ids"])  # the answer's tokens + the one ending it
+    return sum(logp[j, c.gold[0, j]].item() for j in range(min(n + 1, SHORT.answer_length)))
 
 
 def test_score_is_the_mean_of_phi_over_reveal_steps_from_separate_forwards(setup):
@@ -158,6 +159,9 @@ def test_filter_keeps_exactly_the_rows_at_or_above_the_threshold():
     assert select_by_score(scores, keep_top_fraction=0.5) == ([False, True, True, True, False], -2.0)  # ceil(2.5)
     assert select_by_score(scores) == ([True] * 5, None)
     assert select_by_score([-1.0, -1.0, -1.0, -2.0], keep_top_fraction=0.25) == ([True, True, True, False], -1.0)
+    # ineligible traces are never kept and do not count towards the fraction
+    assert select_by_score(scores, keep_top_fraction=0.5, eligible=[True, False, True, True, True]) == (
+        [False, False, True, True, False], -2.0)
     with pytest.raises(ValueError, match="not both"):
         select_by_score(scores, min_score=0.0, keep_top_fraction=0.5)
     rng = random.Random(1)
@@ -181,10 +185,10 @@ def test_labels_and_canonical_trace(setup):
         [start, one, eos, dot, dot, eos],  # tokens after the first EOS are dropped
         [start, bos, one, dot, eos, eos],  # a special token inside is dropped (decode skips it)
     ])
-    texts, ids, counts = canonical_trace(tok, tokens, (eos,), tok.mask_token_id, eos)
+    texts, ids, too_long, counts = canonical_trace(tok, tokens, (eos,), tok.mask_token_id, eos)
     assert texts == ["Start 12.", "Start 1", "Start 1."]
     assert ids.tolist() == [tokens[0].tolist(), [start, one, eos, eos, eos, eos], [start, one, dot, eos, eos, eos]]
-    assert counts == {"traces_reencoded": 2, "traces_too_long": 0}
+    assert counts == {"traces_reencoded": 2, "traces_too_long": 0} and too_long == [False] * 3
 
 
 def test_settings_that_mean_nothing_are_errors():
@@ -204,9 +208,13 @@ def test_kept_traces_load_through_the_sft_data_path(setup, tmp_path):
     records, report = generate_traces(adapter, tok, data, TEMPLATE, sampler, config, progress=False)
     assert len(records) == 12 and [r["question"] for r in records] == [q for q in range(6) for _ in range(2)]
     assert len({r["seed"] for r in records}) == 12 and report["questions_skipped_answer_too_long"] == 0
-    keep, threshold = select_by_score([r["score"] for r in records], keep_top_fraction=0.5)
+    too_long = [r["too_long"] for r in records]
+    assert sum(too_long) == report["traces_too_long"]
+    keep, threshold = select_by_score([r["score"] for r in records], keep_top_fraction=0.5,
+                                      eligible=[not x for x in too_long])
+    assert not any(k and x for k, x in zip(keep, too_long))  # a cut trace's text is not what was scored
     summary = summarize(records, keep, threshold)
-    assert summary["kept"] == sum(keep) >= 6 and summary["n_traces"] == 12
+    assert summary["kept"] == sum(keep) >= math.ceil(0.5 * (12 - sum(too_long))) and summary["n_traces"] == 12
     files = write_outputs(records, keep, summary, str(tmp_path))
 
     kept = [r for r, k in zip(records, keep) if k]
@@ -281,7 +289,8 @@ def test_script_writes_sft_data_and_prints_summary_last(tmp_path):
     with open(tmp_path / "out" / "posterior_sft.jsonl") as f:
         sft_rows = [json.loads(line) for line in f]
     assert summary["n_traces"] == len(traces) == 12 and summary["n_questions"] == 4
-    assert summary["threshold"] == -30.0 and summary["kept"] == len(sft_rows) == sum(t["score"] >= -30 for t in traces)
+    assert summary["threshold"] == -30.0 and summary["kept"] == len(sft_rows) == sum(
+        t["score"] >= -30 and not t["too_long"] for t in traces)
     assert summary["frac_correct_reasoning"] == pytest.approx(sum(t["correct_reasoning"] for t in traces) / 12,
                                                               abs=1e-4)
     assert {"auc", "auc_within_question", "frac_correct_among_kept", "sample_seconds", "score_seconds"} <= set(summary)

@@ -210,6 +210,9 @@ def test_batch_invariance_alone_versus_in_a_mixed_batch(policy):
 
 def test_phi_matches_a_separate_forward_at_every_step():
     adapter, canvas = random_model_setup(batch=3, scale=2.0)
+    # row 0 scores all three gold positions, rows 1 and 2 leave trailing padding out (Canvas.gold_scored)
+    scored = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    canvas = dataclasses.replace(canvas, gold_scored=scored)
     out = sample(adapter, canvas, SamplerConfig(policy="med", med_lambda=0.5, temperature=1.0, seed=1))
     calls = adapter.forward_calls
     g0 = canvas.gen_start
@@ -225,7 +228,7 @@ def test_phi_matches_a_separate_forward_at_every_step():
                 logits = adapter.model(input_ids=ids, attention_mask=am).logits[0, g0:].double()
             logits[:, MASK] = -math.inf  # the mask token is never a prediction
             logp = torch.log_softmax(logits[canvas.answer], -1)
-            direct = logp.gather(-1, canvas.gold[i][:, None]).sum().item()
+            direct = logp.gather(-1, canvas.gold[i][:, None]).squeeze(-1)[scored[i]].sum().item()
             assert out.phi[i, t].item() == pytest.approx(direct, abs=1e-5)
             checked += 1
     assert checked >= 3 * canvas.reasoning.stop  # every reasoning step + the first answer step of each row

@@ -26,6 +26,9 @@ def test_infill_layout_left_padded_with_shared_generation_columns(tok):
     assert (gen[:, :4] == MASK).all() and gen[0, 4:7].tolist() == delim
     assert (gen[:, cv.answer] == MASK).all() and gen[0, -1].item() == ids("six")
     assert cv.gold.tolist() == [[ids("three"), EOS, EOS], [ids("four"), ids("five"), EOS]]
+    # phi scores the answer's tokens and the first padding token (where it ends), not the rest of the padding
+    assert cv.gold_scored.tolist() == [[True, True, False], [True, True, True]]
+    assert cv.phi_weights().tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
     filled = cv.fill_answer()
     assert torch.equal(filled.generation[:, cv.answer], cv.gold) and (cv.generation[:, cv.answer] == MASK).all()
 
