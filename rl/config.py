@@ -131,7 +131,8 @@ class DiffusionArgs:
                 "tokens, clipped to +-dense_clip): the same meaning for every task, answer length, GRPO and RLOO. "
                 "0 is outcome-only. phi = sum of log p(gold token) over the gold answer's own tokens and the first "
                 "padding token (pad_with) after them, which says where the answer ends; the rest of the padding "
-                "is not scored, so phi's scale follows the answer, not answer_length. Rows without a gold answer get no credit (all rows: a warning, outcome-only)."})
+                "is not scored, so phi's scale follows the answer, not answer_length. Rows without a gold answer get "
+                "no credit (all rows: a warning, outcome-only)."})
     dense_credit: str = field(default="return_to_go", metadata={
         "help": "phi credit of a token decoded at step s: return_to_go = phi_T - phi(s) (the step rewards telescope: "
                 "optimises E[R + c phi_T] with the per-step baseline phi(s), not policy-invariant shaping, since "

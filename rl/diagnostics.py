@@ -109,7 +109,7 @@ def silenced(logger_name: str, text: str):
 
 
 class DiagnosticsMixin:
-    """Metric, count and warning helpers of `rl.trainer.DiffusionMixin` (reads its rollout state)."""
+    """Metric, count and warning helpers of `rl.trainer.DiffusionMixin` (reads its `Generation` record)."""
 
     def _warn_once(self, key: str, message: str, *args) -> None:
         if key not in self._warned and self.accelerator.is_main_process:
@@ -128,8 +128,9 @@ class DiagnosticsMixin:
         total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
         return dict(zip(counts, (int(v) for v in total.tolist())))
 
-    def _log_rollout(self, out, mode: str) -> None:
-        m = self._metrics[mode]
+    def _log_rollout(self, gen, mode: str) -> None:
+        """Per-step rollout metrics, degenerate counts and (training) the rollout JSONL of one `Generation`."""
+        out, m = gen.rollout, self._metrics[mode]
         m["rollout/nfe"].append(self._gather_mean(out.nfe.float()))
         m["rollout/exit_rate"].append(self._gather_mean(out.exited.float()))
         if self._sampler.prune_phi is not None:
@@ -137,13 +138,12 @@ class DiagnosticsMixin:
         m["rollout/tokens_per_nfe"].append(self._gather_mean(out.generated.sum(-1).float() / out.nfe.clamp(min=1)))
         if out.phi is not None:
             m["reward/phi_T"].append(self._gather_mean(out.phi_final))
-        rewards = getattr(self, "_last_rewards", None)  # [B_global, F] per reward function, gathered by TRL
+        rewards = gen.rewards  # [B_global, F] per reward function, gathered by TRL
         if rewards is not None:
             weights = self.reward_weights.to(rewards.device, rewards.dtype)
             total = (rewards * weights).nansum(-1).masked_fill(torch.isnan(rewards).all(-1), NAN)
             m["reward/outcome"].append(float(total.nanmean()))
-        texts, reasoning = self._texts  # this rollout's decoded blocks (`_calculate_rewards`)
-        self._count_degenerate(out, mode, texts, reasoning)
+        self._count_degenerate(gen, mode)
         if self.args.rollout_log_dir == "" or mode != "train":
             return
         folder = self.args.rollout_log_dir or os.path.join(self.args.output_dir, "rollouts")
@@ -154,20 +154,22 @@ class DiagnosticsMixin:
         local = [[None if v != v else v for v in row] if isinstance(row, list) else row for row in local]  # NaN: None
         with open(path, "w") as f:
             for i in range(B):
-                row = {"prompt": self._prompts[i], "reasoning": reasoning[i], "answer_text": texts[i],
-                       "gold": self._answers[i] if self._answers and not self._missing_gold[i] else None,
-                       "rewards": local[i], **out.row(i)}
+                row = {"prompt": gen.prompts[i], "reasoning": gen.reasoning_texts[i],
+                       "answer_text": gen.answer_texts[i],
+                       "gold": gen.golds[i] if gen.golds and not gen.missing_gold[i] else None,
+                       "rewards": local[i], "seed": int(gen.seeds["rollout"][i]), **out.row(i)}
                 f.write(json.dumps(row) + "\n")
 
-    def _count_degenerate(self, out, mode: str, answers: list[str], reasoning: list[str]) -> None:
+    def _count_degenerate(self, gen, mode: str) -> None:
         """Per-step counts (summed over processes) of degenerate rollouts and inputs; each warned about once."""
+        out, answers, reasoning = gen.rollout, gen.answer_texts, gen.reasoning_texts
         counts = self._gather_sums({
-            "rollout/nonfinite_logits_rows": float(self._nonfinite.sum()),
+            "rollout/nonfinite_logits_rows": float(gen.nonfinite.sum()),
             "rollout/empty_answers": float(sum(not t.strip() for t in answers)) if out.answer is not None else 0.0,
             "rollout/empty_reasoning": float(sum(not t.strip() for t in reasoning)),
             "rollout/exit_at_step0": float((out.exit_step == 0).sum()),
-            "data/answers_truncated": float(self._canvas_report.get("answers_truncated", 0)),
-            "data/missing_answers": float(self._missing_gold.sum()),
+            "data/answers_truncated": float(gen.canvas_report.get("answers_truncated", 0)),
+            "data/missing_answers": float(gen.missing_gold.sum()),
         })
         m = self._metrics[mode]
         for key, value in counts.items():
@@ -192,7 +194,7 @@ class DiagnosticsMixin:
                             self._sampler.exit_gamma)
         if counts["data/answers_truncated"] and "truncated" not in self._warned:
             A = self._template.answer_length
-            long = [a for a in self._answers or [] if len(self.processing_class(a, add_special_tokens=False)
+            long = [a for a in gen.golds or [] if len(self.processing_class(a, add_special_tokens=False)
                                                           ["input_ids"]) > A]
             self._warn_once("truncated", "%d gold answer(s) are longer than the answer block (answer_length=%d), "
                             "e.g. %r; phi reads them truncated (data/answers_truncated). Increase answer_length.",
@@ -208,7 +210,7 @@ class DiagnosticsMixin:
         """NaN (TRL: not scorable, advantage 0) for rows met by non-finite logits or without a gold answer and
         for +-inf values; count rows without any reward and groups without any scorable row."""
         mode = "train" if self.model.training else "eval"
-        unusable = self.accelerator.gather((self._nonfinite | self._missing_gold).long().to(rewards.device)).bool()
+        unusable = self.accelerator.gather(self.generation.unusable.long().to(rewards.device)).bool()
         inf = torch.isinf(rewards)
         if inf.any():
             self._warn_once("inf_reward", "A reward function returned +-inf for %d value(s); they count as None "

@@ -274,8 +274,8 @@ def generate_traces(adapter: MDLMAdapter, tokenizer, dataset, template: Template
             start = time.perf_counter()
             out = sample_posterior(adapter, canvas, sampler, seeds)
             report["sample_seconds"] += time.perf_counter() - start
-            texts, trace, overflow, counts = canonical_trace(tokenizer, out.generation[:, out.reasoning].cpu(), adapter.eos_ids,
-                                                   adapter.mask_id, pad)
+            texts, trace, overflow, counts = canonical_trace(
+                tokenizer, out.generation[:, out.reasoning].cpu(), adapter.eos_ids, adapter.mask_id, pad)
             for key, n in counts.items():
                 report[key] += n
             start = time.perf_counter()

@@ -31,18 +31,24 @@ from trl import GRPOTrainer, RLOOTrainer
 
 from rl.advantages import dense_advantages
 from rl.checkpoint import ResumableMixin
-from rl.diagnostics import NAN, DiagnosticsMixin, FiniteLogitsAdapter, log_once, nonfinite_rows, silenced
-from rl.logprobs import ESTIMATORS, EstimatorOptions, step_weights, trajectory_steps
+from rl.diagnostics import DiagnosticsMixin, FiniteLogitsAdapter, log_once, nonfinite_rows, silenced
+from rl.generation import BATCH_FIELDS, Generation
+from rl.logprobs import ESTIMATORS, EstimatorOptions, step_weights
 from rl.rloo_loss import per_token_clipped_loss
-from rl.seeding import row_seeds
-from rollout import MDLMAdapter, decode_block, layout_canvas, sample
+from rollout import MDLMAdapter, layout_canvas, sample
 
 logger = logging.getLogger(__name__)
-TRACE_KEYS = ("decode_step", "nfe", "mask_seed", "score_steps", "loss_mask")
 
 
 class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
-    """Shared diffusion behaviour; mixed in before the TRL trainer class."""
+    """Shared diffusion behaviour; mixed in before the TRL trainer class.
+
+    One step reads as one walk through TRL's hooks, carrying one record (`rl.generation.Generation`):
+    `_generate_and_score_completions` opens it from the dataset rows -> `_generate_single_turn` samples and fills it
+    -> `_calculate_rewards` decodes and scores it -> back in `_generate_and_score_completions`, its batch fields
+    and the dense credit join TRL's batch -> `_compute_loss` / `_get_per_token_logps_and_entropies` score the
+    micro-batch's rows with the chosen estimator.
+    """
 
     _turn_returns_logprobs = True  # TRL's GRPO `_generate_single_turn` returns (ids, logprobs), RLOO's only ids
 
@@ -56,9 +62,8 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         self._sampler = self.args.sampler_config()
         self._template = self.args.template_config()
         self._round = 0  # rollout rounds so far: seeds the sampler's per-row streams; saved in checkpoints
-        self._trace: dict | None = None
-        self._answers: list[str] | None = None
-        self._missing_gold = self._nonfinite = torch.zeros(0, dtype=torch.bool)
+        self.generation: Generation | None = None  # the current rollout round's record
+        self._trace: dict | None = None  # the batch fields of the micro-batch being scored
         self._warned: set[str] = set()
         self._rows_skipped = rows_skipped or None
         self._init_resume()
@@ -87,13 +92,13 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         from trl.models import unwrap_model_for_generation
 
+        gen, args = self.generation, self.args
         self._round += 1
-        stream = {"seed": self.args.seed, "rows": len(prompt_ids), "round": self._round,
-                  "rank": self.accelerator.process_index}
-        seeds = row_seeds(purpose="rollout", **stream)  # [B] one sampler stream per (round, rank, row)
+        seeds = gen.draw_seeds(args.seed, self._round, self.accelerator.process_index,
+                               sample_steps=args.logprob_estimator == "trajectory" and args.trajectory_sample_steps)
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
             adapter = dataclasses.replace(self._adapter_for(model), nonfinite_inputs=[])
-            answers = self._answers if self._template.layout == "infill" else None
+            answers = gen.golds if self._template.layout == "infill" else None
             with silenced("rollout.template", "Truncated"):  # counted and reported once by `_log_rollout`
                 canvas = layout_canvas(self.processing_class, prompt_ids, self._template, adapter.mask_id,
                                        answers=answers, max_length=adapter.max_length, answer_overflow="truncate")
@@ -101,85 +106,45 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
             model.eval()
             out = sample(adapter, canvas, self._sampler, seeds=seeds)
             model.train(was_training)
-        self._nonfinite = nonfinite_rows(canvas, out, adapter.nonfinite_inputs)  # [B]
-        if out.phi is not None and self._missing_gold.any():
-            out.phi[self._missing_gold.to(out.phi.device)] = NAN  # no gold, no potential: no dense credit
-        self._rollout, self._canvas_report = out, canvas.report
-        mask_seeds = row_seeds(purpose="mask", **stream)  # the estimators' masks: not the sampler's stream
-        self._trace = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": mask_seeds.to(out.nfe.device)}
-        if self.args.logprob_estimator == "trajectory" and self.args.trajectory_sample_steps:
-            step_seeds = row_seeds(purpose="steps", **stream)
-            self._trace["score_steps"] = trajectory_steps(step_seeds, out.nfe, self.args.trajectory_buckets)
-        self._trace["loss_mask"] = self._loss_mask(out)
+        gen.record_rollout(out, canvas.report, nonfinite_rows(canvas, out, adapter.nonfinite_inputs),
+                           args.loss_on_answer, args.trajectory_buckets)
         completion_ids = out.generation.tolist()
         return (completion_ids, out.token_logprob.tolist()) if self._turn_returns_logprobs else completion_ids
 
-    def _loss_mask(self, out) -> torch.Tensor:
-        """[B, G] bool: the tokens whose log-probs enter the loss (and TRL's old/ref log-probs, hence RLOO's KL).
-
-        Decoded by the sampler, in a row whose logits stayed finite, outside the answer block unless
-        `loss_on_answer`, and, with sampled trajectory steps, decoded at one of the row's drawn steps. Known before
-        TRL computes the old and reference log-probs, so every log-prob TRL sees is already 0 outside it. Sets
-        `_eligible`, the same mask before the steps are drawn (what a full replay would score).
-        """
-        mask = out.generated & ~self._nonfinite.to(out.generated.device)[:, None]
-        if not self.args.loss_on_answer and out.answer is not None:
-            mask[:, out.answer] = False  # train the reasoning only; the answer block still sets the reward
-        self._eligible = mask.clone()
-        if "score_steps" in self._trace:
-            steps = self._trace["score_steps"].to(out.decode_step.device)
-            mask &= (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
-        return mask
-
-    def _block_texts(self, block) -> list[str]:
-        out = self._rollout
-        if block is None:
-            return [""] * len(out.nfe)
-        stops = self._adapter.eos_ids
-        return [decode_block(self.processing_class, row, stops, out.mask_id) for row in out.generation[:, block]]
-
-    def _answer_texts(self) -> list[str]:
-        return self._block_texts(self._rollout.answer)
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        phi_final = self._rollout.phi_final.tolist() if self._rollout.phi is not None else [None] * len(inputs)
-        self._texts = self._answer_texts(), self._block_texts(self._rollout.reasoning)  # decoded once, logged too
-        for x, text, reasoning, phi in zip(inputs, *self._texts, phi_final, strict=True):
+        gen = self.generation
+        gen.decode(self.processing_class, self._adapter.eos_ids)
+        out = gen.rollout
+        phi_final = out.phi_final.tolist() if out.phi is not None else [None] * len(inputs)
+        for x, text, reasoning, phi in zip(inputs, gen.answer_texts, gen.reasoning_texts, phi_final, strict=True):
             x["answer_texts"] = text  # rewards read the answer block, not the free text
             x["reasoning_texts"] = reasoning  # `reasoning_math` scores the chain's own conclusion
             x["phi_final"] = phi  # phi_T, for the soft outcome reward `answer_likelihood`
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # [B_global, F]
-        rewards = self._screen_rewards(rewards)
-        self._last_rewards = rewards
-        return rewards
+        gen.rewards = self._screen_rewards(rewards)
+        return gen.rewards
 
     def _generate_and_score_completions(self, inputs):
-        if "answer" in inputs[0]:
-            golds = [x["answer"] for x in inputs]
-            self._missing_gold = torch.tensor([g is None or not str(g).strip() for g in golds])
-            self._answers = ["" if missing else str(g) for g, missing in zip(golds, self._missing_gold.tolist())]
-        else:
-            self._answers, self._missing_gold = None, torch.zeros(len(inputs), dtype=torch.bool)
-        self._prompts = [x["prompt"] for x in inputs]
+        self.generation = gen = Generation.open(inputs)
         output = super()._generate_and_score_completions(inputs)
-        out, mode = self._rollout, "train" if self.model.training else "eval"
+        mode = "train" if self.model.training else "eval"
         device = output["completion_ids"].device
-        output["tool_mask"] = self._trace["loss_mask"].long().to(device)  # GRPO's loss reads it; RLOO's does not
+        output["tool_mask"] = gen.loss_mask.long().to(device)  # GRPO's loss reads it; RLOO's reads loss_mask
         if "num_items_in_batch" in output:  # TRL's dapo normaliser: the tokens a full replay would put in the loss
             # (with sampled steps each scored token carries the weight NFE_i / S_i, so the weighted sum estimates
             # the full replay's sum and the normaliser is the full replay's count)
-            in_loss = (output["completion_mask"] * self._eligible.to(device)).sum()
+            in_loss = (output["completion_mask"] * gen.eligible.to(device)).sum()
             output["num_items_in_batch"] = self.accelerator.gather(in_loss).sum()
-        for key, value in self._trace.items():
-            output[key] = value.to(device)
+        output.update(gen.batch_fields(device))
         if self.args.dense_coef > 0:
-            self._add_dense_credit(output, out, mode)
-        self._log_rollout(out, mode)
+            self._add_dense_credit(output, gen, mode)
+        self._log_rollout(gen, mode)
         return output
 
-    def _add_dense_credit(self, output: dict, out, mode: str) -> None:
+    def _add_dense_credit(self, output: dict, gen: Generation, mode: str) -> None:
         """Outcome advantage + dense_coef x the phi credit standardised per group over its loss tokens."""
-        if out.phi is None or self._missing_gold.all():
+        out = gen.rollout
+        if out.phi is None or gen.missing_gold.all():
             self._warn_once("no_phi", "dense_coef=%s but no rollout of this batch has a gold answer, so its phi "
                             "credit is 0: it trains outcome-only (a dataset without gold answers: the whole run).",
                             self.args.dense_coef)
@@ -189,19 +154,21 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
 
         device = output["completion_ids"].device
         credit = phi_token_credit(out.decode_step, out.phi, mode=self.args.dense_credit).to(device)  # [B, G]
-        in_loss = (self._trace["loss_mask"] & ~self._missing_gold.to(out.nfe.device)[:, None]).to(device)
+        in_loss = (gen.loss_mask & ~gen.missing_gold.to(out.nfe.device)[:, None]).to(device)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        B = len(out.nfe)
         output["advantages"], share = dense_advantages(
             output["advantages"], credit, in_loss, self.args.dense_coef, group_size, self.args.dense_clip,
-            gather=self.accelerator.gather, offset=self.accelerator.process_index * B)
+            gather=self.accelerator.gather, offset=self.accelerator.process_index * len(out.nfe))
         self._metrics[mode]["advantage/dense_share"].append(self._gather_mean(torch.tensor([share])))
 
     # Likelihood ---------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
         inputs = self._rows_with_signal(inputs)
-        self._trace = {k: inputs[k] for k in TRACE_KEYS if k in inputs}
-        return super()._compute_loss(model, inputs)
+        self._trace = {k: inputs[k] for k in BATCH_FIELDS if k in inputs}
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._trace = None
 
     def _skip_is_exact(self) -> bool:
         """Whether rows with zero advantage add exactly nothing to the loss (so leaving them out is exact)."""
@@ -232,10 +199,12 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         batch_size = batch_size or input_ids.shape[0]
         estimator = ESTIMATORS[self.args.logprob_estimator]
         options = EstimatorOptions(self.args.temperature, self.args.trajectory_buckets, self.args.prompt_mask_prob)
+        # the rows being scored: a loss micro-batch's, or at generation time (old/reference log-probs) the round's
+        fields = self._trace if self._trace is not None else self.generation.batch_fields(input_ids.device)
         logps, ents = [], []
         for s in range(0, input_ids.shape[0], batch_size):
             rows = slice(s, s + batch_size)
-            trace = {k: v[rows] for k, v in self._trace.items()}
+            trace = {k: v[rows] for k, v in fields.items()}
             in_loss = trace.get("loss_mask", trace["decode_step"] >= 0).bool()
             with self.accelerator.autocast():
                 lp, ent = estimator(adapter.logits, input_ids[rows], attention_mask[rows], gen_start, trace,
@@ -272,30 +241,30 @@ class DiffusionRLOOTrainer(DiffusionMixin, RLOOTrainer):
     _turn_returns_logprobs = False
 
     def _generate_and_score_completions(self, inputs):
-        self._old_per_token = None
-        self._capture_old = True  # RLOO computes the policy's old log-probs first: keep them per token
         output = super()._generate_and_score_completions(inputs)
-        self._capture_old = False
         if output["advantages"].dim() == 2:
-            output["old_per_token_logps"] = self._old_per_token
+            output["old_per_token_logps"] = self.generation.old_per_token
         return output
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if getattr(self, "_capture_old", False):
-            self._old_per_token, self._capture_old = result[0].detach(), False
+        gen = self.generation
+        if self._trace is None and gen.old_per_token is None:  # generation time: RLOO's first pass is the old
+            gen.old_per_token = result[0].detach()  # policy's (the reference pass, if any, comes second)
         return result
 
     def _compute_loss(self, model, inputs):
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             return super()._compute_loss(model, inputs)
-        self._trace = {k: inputs[k] for k in TRACE_KEYS if k in inputs}
+        self._trace = {k: inputs[k] for k in BATCH_FIELDS if k in inputs}
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, inputs["completion_ids"].shape[1], compute_entropy=True
-        )
+        try:
+            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, inputs["completion_ids"].shape[1], compute_entropy=True)
+        finally:
+            self._trace = None
         mask = inputs["loss_mask"].float()  # [B, G]
         loss, stats = per_token_clipped_loss(logps, inputs["old_per_token_logps"], advantages, mask,
                                              self.epsilon_low, self.epsilon_high)

@@ -145,8 +145,8 @@ def encode_prompt(tokenizer, prompt: str | list[dict], config: TemplateConfig) -
 def encode_block(tokenizer, texts: list[str], length: int, pad_id: int, what: str, overflow: str = "error"):
     """Encode texts into a right-padded [B, length] block.
 
-    Returns (ids, n_overflow, lengths): lengths are each text's token count before any cut. `overflow='error'` raises on a text longer than `length` (naming the first
-    offending row); 'truncate' cuts it and counts it.
+    Returns (ids, n_overflow, lengths): lengths are each text's token count before any cut. `overflow='error'`
+    raises on a text longer than `length` (naming the first offending row); 'truncate' cuts it and counts it.
     """
     rows, lengths, n_over, first = [], [], 0, None
     for i, text in enumerate(texts):

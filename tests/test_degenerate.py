@@ -114,7 +114,7 @@ def test_empty_completions_when_the_model_says_eos_everywhere(tmp_path, caplog):
 def test_every_row_exiting_at_step_zero_trains_only_the_answer_block(tmp_path, caplog):
     trainer = build(tmp_path, [text_hash], exit_gamma=1e6)
     batch = trainer._generate_and_score_completions([{"prompt": PROMPTS[0], "answer": "two"}] * 4)
-    assert (trainer._rollout.exit_step == 0).all() and (trainer._rollout.nfe == 1).all()
+    assert (trainer.generation.rollout.exit_step == 0).all() and (trainer.generation.rollout.nfe == 1).all()
     assert not batch["tool_mask"][:, :4].any() and batch["tool_mask"][:, -2:].all()  # reasoning [0, 4), answer last 2
     before = [p.detach().clone() for p in trainer.model.parameters()]
     steps = train(trainer)
@@ -144,13 +144,13 @@ def _nan_after_four(input_ids, logits, tok):
 def test_nonfinite_logits_rows_are_replaced_counted_and_left_out(tmp_path, caplog):
     trainer = build(tmp_path, [text_hash], hook=_nan_after_four, max_steps=3, seed=1)
     batch = trainer._generate_and_score_completions([{"prompt": PROMPTS[0], "answer": "two"}] * 4)
-    out, four = trainer._rollout, trainer.processing_class.convert_tokens_to_ids("four")
+    out, four = trainer.generation.rollout, trainer.processing_class.convert_tokens_to_ids("four")
     # A row met NaN logits iff it decoded 'four' at a step before its last forward.
     expected = ((out.generation == four) & (out.decode_step >= 0) & (out.decode_step < out.nfe[:, None] - 1)).any(-1)
-    assert torch.equal(trainer._nonfinite, expected) and 0 < int(expected.sum()) < 4
+    assert torch.equal(trainer.generation.nonfinite, expected) and 0 < int(expected.sum()) < 4
     assert not batch["tool_mask"][expected].any() and batch["tool_mask"][~expected].any()
     assert torch.isfinite(out.token_logprob).all() and torch.isfinite(out.phi[~torch.isnan(out.phi)]).all()
-    assert torch.isnan(trainer._last_rewards[expected]).all()  # not scored
+    assert torch.isnan(trainer.generation.rewards[expected]).all()  # not scored
     steps = train(trainer)
     counts = [h["rollout/nonfinite_logits_rows"] for h in steps]
     assert any(counts) and all(h["reward/none_rows"] == c for h, c in zip(steps, counts))

@@ -36,9 +36,9 @@ def test_rloo_answer_out_of_the_loss_equals_answer_log_probs_detached(tmp_path):
 
     detached, _ = trainer_for(True)
     batch = detached._generate_and_score_completions(_inputs(ds))  # the same rollouts: same seeds, same weights
-    assert torch.equal(batch["completion_ids"], out_of_loss._rollout.generation)
+    assert torch.equal(batch["completion_ids"], out_of_loss.generation.rollout.generation)
     grads_in = _grads(detached, batch)
-    answer = detached._rollout.answer
+    answer = detached.generation.rollout.answer
     full = detached._get_per_token_logps_and_entropies
 
     def answer_detached(*args, **kwargs):
@@ -133,7 +133,7 @@ def test_dense_term_is_the_standardised_credit_in_grpo_and_rloo_whatever_the_ans
         trainer = trainer_cls(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
                               processing_class=tok)
         batch = trainer._generate_and_score_completions(_inputs(ds))
-        out, mask = trainer._rollout, batch["loss_mask"]
+        out, mask = trainer.generation.rollout, batch["loss_mask"]
         dense = 0.3 * standardise_credit(phi_token_credit(out.decode_step, out.phi).float(), mask, 4, clip=100.0)
         outcome = batch["advantages"] - dense  # what remains is TRL's per-sequence outcome advantage
         assert torch.allclose(outcome, outcome[:, :1].expand_as(outcome), atol=1e-5)

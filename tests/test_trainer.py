@@ -11,6 +11,7 @@ from rewards.intrinsic import phi_token_credit
 from rl.advantages import standardise_credit
 from rl.config import DiffusionGRPOConfig, DiffusionRLOOConfig
 from rl.trainer import DiffusionGRPOTrainer, DiffusionRLOOTrainer
+from rollout import decode_block
 
 WORDS = "one two three four plus is The answer".split()
 
@@ -55,7 +56,7 @@ def test_loss_mask_is_the_decoded_positions_and_ratio_is_one_on_policy(tmp_path)
     trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
                                    processing_class=tok)
     batch = trainer._generate_and_score_completions([dict(x) for x in ds.select(range(4)) for _ in range(4)])
-    out = trainer._rollout
+    out = trainer.generation.rollout
     assert torch.equal(batch["tool_mask"].bool(), out.generated)
     assert not batch["tool_mask"][:, 4:7].any()  # the delimiter is template, never in the loss
     # Dense advantages: outcome advantage + dense_coef * the phi credit standardised per group of 4, per token.
@@ -141,7 +142,7 @@ def test_sampled_trajectory_steps_set_the_loss_mask_and_normaliser(tmp_path):
     trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
                                    processing_class=tok)
     batch = trainer._generate_and_score_completions([dict(x) for x in ds.select(range(4)) for _ in range(4)])
-    out, steps = trainer._rollout, batch["score_steps"]
+    out, steps = trainer.generation.rollout, batch["score_steps"]
     chosen = out.generated & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
     assert torch.equal(batch["tool_mask"].bool(), chosen) and (chosen != out.generated).any()
     # Each scored token stands for NFE_i / S_i tokens: the normaliser is the full replay's token count.
@@ -167,7 +168,7 @@ def test_loss_on_answer_false_keeps_the_answer_block_out_of_the_loss_but_not_the
                                    processing_class=tok)
     inputs = [dict(x) for x in ds.select(range(4)) for _ in range(4)]
     batch = trainer._generate_and_score_completions(inputs)
-    out, steps = trainer._rollout, batch["score_steps"]
+    out, steps = trainer.generation.rollout, batch["score_steps"]
     assert out.generated[:, out.answer].all()  # the answer block was decoded ...
     assert not batch["tool_mask"][:, out.answer].any()  # ... but sits out of the loss
     reasoning = out.generated & (out.decode_step[:, :, None] == steps[:, None, :]).any(-1)
@@ -176,9 +177,9 @@ def test_loss_on_answer_false_keeps_the_answer_block_out_of_the_loss_but_not_the
     eligible = out.generated.clone()
     eligible[:, out.answer] = False
     assert int(batch["num_items_in_batch"]) == int(eligible.sum())  # the full replay's loss tokens
-    texts = trainer._answer_texts()  # the reward still reads the decoded answer block
+    texts = trainer.generation.answer_texts  # the reward still reads the decoded answer block
     expected = [float(t.strip() == x["answer"]) for t, x in zip(texts, inputs)]
-    assert torch.allclose(trainer._last_rewards[:, 0], torch.tensor(expected))
+    assert torch.allclose(trainer.generation.rewards[:, 0], torch.tensor(expected))
 
 
 def test_rewards_see_the_decoded_reasoning_block(tmp_path):
@@ -192,9 +193,11 @@ def test_rewards_see_the_decoded_reasoning_block(tmp_path):
     trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[record], args=args, train_dataset=ds,
                                    processing_class=tok)
     trainer._generate_and_score_completions([dict(x) for x in ds.select(range(4)) for _ in range(4)])
-    out = trainer._rollout
-    assert seen["reasoning"] == trainer._block_texts(out.reasoning) and len(seen["reasoning"]) == 16
-    assert seen["answers"] == trainer._answer_texts()
+    out = trainer.generation.rollout
+    assert seen["reasoning"] == trainer.generation.reasoning_texts and len(seen["reasoning"]) == 16
+    assert seen["answers"] == trainer.generation.answer_texts
+    decoded = [decode_block(tok, row, (tok.eos_token_id,), out.mask_id) for row in out.generation[:, out.reasoning]]
+    assert seen["reasoning"] == decoded
     words = set(WORDS) | {"[MASK]"}
     assert all(set(t.split()) <= words for t in seen["reasoning"])  # decoded text of the reasoning columns only
     assert any(t.strip() for t in seen["reasoning"])

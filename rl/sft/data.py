@@ -186,11 +186,12 @@ class SFTCollator:
         if tpl.layout == "infill":
             canvas = build_canvas(tok, prompts, tpl, self.mask_id, answers=[r["answer"] for r in rows],
                                   max_length=self.max_length)
-            gold_r, _, _ = encode_block(tok, [r["reasoning"] for r in rows], tpl.reasoning_length, pad, "gold reasoning")
+            gold_r, _, _ = encode_block(tok, [r["reasoning"] for r in rows], tpl.reasoning_length, pad,
+                                        "gold reasoning")
         else:
             canvas = build_canvas(tok, prompts, tpl, self.mask_id, max_length=self.max_length)
             gold_r, _, _ = encode_block(tok, [plain_response(r, tpl) for r in rows], tpl.reasoning_length, pad,
-                                     "gold response")
+                                        "gold response")
         ids = canvas.input_ids.clone()  # [B, L]
         gen = ids[:, canvas.gen_start :]  # [B, G] view into ids
         maskable = torch.zeros(gen.shape, dtype=torch.bool)  # [B, G]
