@@ -7,6 +7,7 @@ Sampler and canvas settings are flat fields with the same names as `rollout.Samp
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -60,46 +61,47 @@ def refuse_trl_options(args) -> None:
                          "for greedy held-out evaluation, heldout_temperature: 0.")
 
 
+def mirror_fields(cls: type, name: str, skip: set[str], notes: dict[str, str]) -> type:
+    """A dataclass with the init fields of `cls` (same names, types and defaults) minus `skip`, so a trainer config
+    inherits them instead of declaring them again; help = the field's attribute docstring + `notes[name]`."""
+    from rl.recipe import _attribute_docs
+
+    hints, docs = typing.get_type_hints(cls), _attribute_docs(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in skip:
+            text = " ".join(x for x in (docs.get(f.name, ""), notes.get(f.name, "")) if x)
+            specs.append((f.name, hints[f.name], field(default=f.default, metadata={"help": text})))
+    return dataclasses.make_dataclass(name, specs)
+
+
+SamplerFields = mirror_fields(SamplerConfig, "SamplerFields", {"temperature", "seed"}, {  # TRL's own fields
+    "answer_temperature": "RL: needs loss_on_answer: false (its tokens are not drawn at the trained temperature).",
+    "prune_phi": "RL: saves NFE, but biases the gradient: the rollout process then depends on the gold label (which "
+                 "rows finish their reasoning), so the policy is trained on trajectories it would not produce at "
+                 "evaluation, where no gold exists.",
+    "block_length": "Must divide reasoning_length.",
+})
+"""The sampler's fields (`rollout.SamplerConfig`), declared there once; `temperature` and `seed` are TRL's."""
+CanvasFields = mirror_fields(TemplateConfig, "CanvasFields", {"chat_template", "max_prompt_length"}, {})
+"""The canvas fields (`rollout.TemplateConfig`), declared there once; `chat_prompts` and TRL's `max_prompt_length`
+stand for the other two."""
+
+
 @dataclass
-class DiffusionArgs:
+class DiffusionArgs(SamplerFields, CanvasFields):
     """Diffusion-specific training fields shared by the GRPO and RLOO configs.
+
+    The sampler and canvas fields are inherited from `SamplerFields` / `CanvasFields`, mirrors of the rollout
+    configs, so each is declared once.
 
     TRL options the diffusion trainers cannot honour are refused at construction (`REFUSED_TRL_OPTIONS`), each with
     the diffusion setting to use instead.
     """
 
-    # Unmasking policy and sampler (see rollout.SamplerConfig).
-    policy: str = field(default="med", metadata={"help": "Unmasking policy: left_to_right, entropy, confidence, "
-                                                         "margin, med, eb, threshold."})
-    k: int = field(default=1, metadata={"help": "Tokens per step for left_to_right and fixed-k policies."})
-    med_lambda: float = field(default=0.2, metadata={"help": "MED entropy threshold (nats)."})
-    med_k_max: int = field(default=8, metadata={"help": "MED: most tokens per step."})
-    eb_gamma: float = field(default=0.1, metadata={"help": "EB-Sampler error budget (nats)."})
-    eb_proxy: str = field(default="entropy", metadata={"help": "EB ordering proxy: entropy or confidence."})
-    tau: float = field(default=0.9, metadata={"help": "Confidence threshold policy: decode every p >= tau."})
-    block_length: int | None = field(default=None, metadata={"help": "Semi-AR block length over the reasoning "
-                                                                     "block (must divide reasoning_length)."})
-    exit_gamma: float | None = field(default=None, metadata={"help": "Early exit when H_UB < exit_gamma (nats)."})
-    answer_temperature: float | None = field(default=None, metadata={
-        "help": "Rollout temperature of the answer block (None: `temperature`); 0 commits the answer the reasoning "
-                "makes most likely. Needs loss_on_answer: false (its tokens are not drawn at the trained "
-                "temperature)."})
-    prune_phi: float | None = field(default=None, metadata={
-        "help": "Prune a rollout once phi(t) < prune_phi (nats, < 0): the gold answer has become nearly impossible, "
-                "so the row commits its answer at once (scored as usual). None: off. Saves NFE, but biases the "
-                "gradient: the rollout process then depends on the gold label (which rows finish their reasoning), "
-                "so the policy is trained on trajectories it would not produce at evaluation, where no gold exists."})
-    # Canvas (see rollout.TemplateConfig).
-    layout: str = field(default="infill", metadata={"help": "infill (reasoning + answer blocks) or plain."})
-    reasoning_length: int = field(default=128, metadata={"help": "R: masked reasoning positions."})
-    answer_length: int = field(default=16, metadata={"help": "A: masked answer positions."})
-    delimiter: str = field(default="\nThe answer is ", metadata={"help": "Text between reasoning and answer."})
-    suffix: str = field(default="", metadata={"help": "Text after the answer block."})
     chat_prompts: bool = field(default=False, metadata={"help": "Wrap each prompt as a user turn (plus system_prompt) "
                                                                 "so the tokenizer's chat template formats it "
                                                                 "(instruct models)."})
-    system_prompt: str | None = field(default=None, metadata={"help": "Optional system turn (chat prompts)."})
-    pad_with: str = field(default="eos", metadata={"help": "Token padding gold answers: eos or pad."})
     # Likelihood and advantages.
     logprob_estimator: str = field(default="trajectory", metadata={
         "help": "Likelihood surrogate: mean_field (d1: one forward, every generated token masked - the answer is "
