@@ -75,14 +75,15 @@ def mirror_fields(cls: type, name: str, skip: set[str], notes: dict[str, str]) -
     return dataclasses.make_dataclass(name, specs)
 
 
-SamplerFields = mirror_fields(SamplerConfig, "SamplerFields", {"temperature", "seed"}, {  # TRL's own fields
+SamplerFields = mirror_fields(SamplerConfig, "SamplerFields", {"temperature", "seed", "record_answer_guess"}, {
     "answer_temperature": "RL: needs loss_on_answer: false (its tokens are not drawn at the trained temperature).",
     "prune_phi": "RL: saves NFE, but biases the gradient: the rollout process then depends on the gold label (which "
                  "rows finish their reasoning), so the policy is trained on trajectories it would not produce at "
                  "evaluation, where no gold exists.",
     "block_length": "Must divide reasoning_length.",
 })
-"""The sampler's fields (`rollout.SamplerConfig`), declared there once; `temperature` and `seed` are TRL's."""
+"""The sampler's fields (`rollout.SamplerConfig`), declared there once; `temperature` and `seed` are TRL's, and
+`record_answer_guess` follows `dense_credit`."""
 CanvasFields = mirror_fields(TemplateConfig, "CanvasFields", {"chat_template", "max_prompt_length"}, {})
 """The canvas fields (`rollout.TemplateConfig`), declared there once; `chat_prompts` and TRL's `max_prompt_length`
 stand for the other two."""

@@ -52,6 +52,10 @@ class SamplerConfig(PolicyConfig):
     """Stop a row (commit its answer block now) once phi(t) < prune_phi (nats, < 0); needs gold answers."""
     seed: int = 0
     """Base seed: row i of a batch uses seed + i unless explicit per-row seeds are passed."""
+    record_answer_guess: bool = False
+    """Record, at each step whose answer block is still fully masked, the answer block's greedy (argmax) tokens:
+    the answer the model would give if it stopped reasoning now (`SampleOutput.answer_guess`; read from the step's
+    own forward, no extra NFE). For the stepwise-verifier credit."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,6 +86,8 @@ class SampleOutput:
         pruned: [B] True for rows stopped by phi pruning (a subset of the rows with exit_step >= 0).
         h_ub: [B, S] answer-block entropy sum per step (NaN once the answer block is no longer fully masked).
         phi: [B, S] gold-answer log-likelihood per step (NaN likewise), or None without gold answers.
+        answer_guess: [B, S, A] the answer block's argmax tokens at the input of each step (-1 where H_UB is NaN),
+            or None unless `record_answer_guess`.
         stats: batch accounting (forward calls, wall and forward seconds, tokens decoded).
     """
 
@@ -99,6 +105,7 @@ class SampleOutput:
     phi: torch.Tensor | None
     stats: dict = field(default_factory=dict)
     pruned: torch.Tensor | None = None
+    answer_guess: torch.Tensor | None = None
 
     @property
     def generation(self) -> torch.Tensor:
@@ -253,6 +260,12 @@ def sample(
     h_ub = torch.full((B, max_steps), float("nan"), dtype=torch.float64, device=device)
     phi = h_ub.clone() if canvas.gold is not None else None
     phi_w = canvas.phi_weights().double() if phi is not None else None  # [B, A] gold positions phi sums
+    guess = None
+    if config.record_answer_guess:
+        if canvas.answer is None:
+            raise ValueError("record_answer_guess needs the 'infill' layout: the 'plain' layout has no answer block.")
+        A = canvas.answer.stop - canvas.answer.start
+        guess = torch.full((B, max_steps, A), -1, dtype=torch.long, device=device)
     active = torch.nonzero(canvas.masked().any(-1)).squeeze(-1)  # rows with something to decode
     forwards = 0
 
@@ -276,6 +289,8 @@ def sample(
                 gold = canvas.gold[active][:, :, None]
                 phi_t = (logp.gather(-1, gold).squeeze(-1) * phi_w[active]).sum(-1)  # [b]
                 phi[active[fresh], t[fresh]] = phi_t[fresh]
+            if guess is not None:
+                guess[active[fresh], t[fresh]] = logits[fresh][:, canvas.answer].argmax(-1)
             if config.exit_gamma is not None:
                 exiting = fresh & (hub < config.exit_gamma)
             if config.prune_phi is not None:
@@ -313,5 +328,5 @@ def sample(
     return SampleOutput(
         sequences=ids, attention_mask=canvas.attention_mask, gen_start=g0, reasoning=canvas.reasoning,
         answer=canvas.answer, mask_id=canvas.mask_id, decode_step=decode_step, token_logprob=token_logprob,
-        nfe=nfe, exit_step=exit_step, h_ub=h_ub, phi=phi, stats=stats, pruned=pruned,
+        nfe=nfe, exit_step=exit_step, h_ub=h_ub, phi=phi, stats=stats, pruned=pruned, answer_guess=guess,
     )

@@ -213,7 +213,13 @@ def test_phi_matches_a_separate_forward_at_every_step():
     # row 0 scores all three gold positions, rows 1 and 2 leave trailing padding out (Canvas.gold_scored)
     scored = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
     canvas = dataclasses.replace(canvas, gold_scored=scored)
-    out = sample(adapter, canvas, SamplerConfig(policy="med", med_lambda=0.5, temperature=1.0, seed=1))
+    config = SamplerConfig(policy="med", med_lambda=0.5, temperature=1.0, seed=1)
+    out = sample(adapter, canvas, dataclasses.replace(config, record_answer_guess=True))
+    plain = sample(adapter, canvas, config)
+    assert torch.equal(out.sequences, plain.sequences) and plain.answer_guess is None  # recording changes nothing
+    assert out.stats["row_forwards"] == plain.stats["row_forwards"]  # and costs no forward
+    undefined = torch.isnan(out.h_ub)  # [B, S]
+    assert (out.answer_guess[undefined] == -1).all() and (out.answer_guess[~undefined] >= 0).all()
     calls = adapter.forward_calls
     g0 = canvas.gen_start
     checked = 0
@@ -230,6 +236,7 @@ def test_phi_matches_a_separate_forward_at_every_step():
             logp = torch.log_softmax(logits[canvas.answer], -1)
             direct = logp.gather(-1, canvas.gold[i][:, None]).squeeze(-1)[scored[i]].sum().item()
             assert out.phi[i, t].item() == pytest.approx(direct, abs=1e-5)
+            assert torch.equal(out.answer_guess[i, t], logp.argmax(-1))  # the answer it would give now
             checked += 1
     assert checked >= 3 * canvas.reasoning.stop  # every reasoning step + the first answer step of each row
     assert adapter.forward_calls == calls  # the checks above bypassed the adapter
