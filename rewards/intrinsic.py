@@ -17,6 +17,13 @@ defined step, get 0). A token decoded at step s gets either
 - `immediate`: r_s.
 
 Rows without any defined phi (e.g. a prefilled answer block) get 0 credit and NaN from `phi_final`.
+
+Stepwise verifier (the MDPO / EGSPO-SA family, for comparison with phi): `verifier_step_scores` turns the answer
+block's greedy guess at the input of every step (`SampleOutput.answer_guess`, read from the sampler's own
+forwards: no extra NFE) into v(t) in {0, 1} with the task's verifier, and `phi_token_credit(decode_step, v,
+'immediate')` gives the tokens decoded at step t the change v(t + 1) - v(t): +1 for the step that made the
+model's answer right, -1 for the one that made it wrong, 0 otherwise. It needs no gold likelihood, only a
+verifier, and is as sparse as the verifier's verdicts.
 """
 
 from __future__ import annotations
@@ -74,6 +81,31 @@ def phi_token_credit(decode_step: torch.Tensor, phi: torch.Tensor, mode: str = "
         credit = h.gather(-1, s + 1) - at_s  # r_{s_i}
     credit = torch.nan_to_num(credit, nan=0.0)
     return torch.where(decode_step >= 0, credit, torch.zeros_like(credit))
+
+
+def verifier_step_scores(answer_guess: torch.Tensor, decode, verify) -> torch.Tensor:
+    """[B, S, A] per-step greedy answer guesses -> [B, S] float64 verifier scores v(t) (NaN where undefined).
+
+    Args:
+        answer_guess: [B, S, A] token ids, -1 at steps whose answer block was no longer fully masked.
+        decode: one answer block's token ids (a list) -> its text.
+        verify: (rows, texts) -> one score (or None: not scorable) per pair, the task's verifier judging `texts[k]`
+            against the gold answer of row `rows[k]`; called once for the whole batch.
+    Each distinct guess of a row is decoded and verified once (consecutive steps often guess the same answer).
+    """
+    if answer_guess.dim() != 3:
+        raise ValueError(f"Expected answer_guess [B, S, A], got shape {tuple(answer_guess.shape)}.")
+    B, S, _ = answer_guess.shape
+    guesses = answer_guess.cpu().tolist()
+    pairs = sorted({(b, tuple(guesses[b][t])) for b in range(B) for t in range(S) if guesses[b][t][0] >= 0})
+    values = verify([b for b, _ in pairs], [decode(list(ids)) for _, ids in pairs]) if pairs else []
+    score = {pair: float("nan") if v is None else float(v) for pair, v in zip(pairs, values, strict=True)}
+    scores = torch.full((B, S), float("nan"), dtype=torch.float64)
+    for b in range(B):
+        for t in range(S):
+            if guesses[b][t][0] >= 0:
+                scores[b, t] = score[(b, tuple(guesses[b][t]))]
+    return scores
 
 
 def phi_final(phi: torch.Tensor) -> torch.Tensor:

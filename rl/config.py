@@ -45,6 +45,9 @@ REFUSED_TRL_OPTIONS: dict[str, tuple[object, str]] = {
 }
 
 
+DENSE_CREDITS = ("return_to_go", "immediate", "verifier_step")
+
+
 def refuse_trl_options(args) -> None:
     """Raise if `args` sets a TRL option the diffusion trainers cannot honour (see `REFUSED_TRL_OPTIONS`)."""
     for name, (default, instead) in REFUSED_TRL_OPTIONS.items():
@@ -137,11 +140,17 @@ class DiffusionArgs(SamplerFields, CanvasFields):
                 "is not scored, so phi's scale follows the answer, not answer_length. Rows without a gold answer get "
                 "no credit (all rows: a warning, outcome-only)."})
     dense_credit: str = field(default="return_to_go", metadata={
-        "help": "phi credit of a token decoded at step s: return_to_go = phi_T - phi(s) (the step rewards telescope: "
-                "optimises E[R + c phi_T] with the per-step baseline phi(s), not policy-invariant shaping, since "
-                "phi_T depends on the policy), or immediate = phi(s+1) - phi(s) (myopic: credits the step's change "
-                "only). Both read the gold label: the label enters the advantage, never the rollout (unless "
+        "help": "Dense credit of a token decoded at step s: return_to_go = phi_T - phi(s) (the step rewards "
+                "telescope: optimises E[R + c phi_T] with the per-step baseline phi(s), not policy-invariant "
+                "shaping, since phi_T depends on the policy), immediate = phi(s+1) - phi(s) (myopic: credits the "
+                "step's change only), or verifier_step = v(s+1) - v(s), v(t) = step_verifier's verdict on the "
+                "answer block's greedy guess at the input of step t (the MDPO / EGSPO-SA stepwise verifier; read "
+                "from the sampler's own forwards, no extra NFE; +-1 for the step that made the model's answer right "
+                "or wrong). All read the gold label: it enters the advantage, never the rollout (unless "
                 "prune_phi)."})
+    step_verifier: str = field(default="math", metadata={
+        "help": "dense_credit verifier_step: the outcome reward (registered name or import path) that judges each "
+                "step's answer guess; called as f(completions, answer=golds, answer_texts=guesses)."})
     dense_clip: float = field(default=3.0, metadata={"help": "Bound on the standardised phi credit (|z| <= "
                                                              "dense_clip) before dense_coef weighs it."})
     heldout_eval_steps: int = field(default=0, metadata={"help": "Evaluate on the task's held-out split every N "
@@ -176,8 +185,10 @@ class DiffusionArgs(SamplerFields, CanvasFields):
             raise ValueError(f"trajectory_buckets must be >= 1, got {self.trajectory_buckets}.")
         if not 0 <= self.prompt_mask_prob < 1:
             raise ValueError(f"prompt_mask_prob must be in [0, 1), got {self.prompt_mask_prob}.")
-        if self.dense_credit not in ("return_to_go", "immediate"):
-            raise ValueError(f"dense_credit={self.dense_credit!r}; use 'return_to_go' or 'immediate'.")
+        if self.dense_credit not in DENSE_CREDITS:
+            raise ValueError(f"dense_credit={self.dense_credit!r}; use one of {', '.join(DENSE_CREDITS)}.")
+        if self.dense_credit == "verifier_step" and self.layout != "infill":
+            raise ValueError("dense_credit verifier_step reads the answer block's guesses: it needs layout infill.")
         if self.dense_coef < 0:
             raise ValueError(f"dense_coef must be >= 0, got {self.dense_coef}.")
         if not self.dense_clip > 0:
@@ -204,14 +215,16 @@ class DiffusionArgs(SamplerFields, CanvasFields):
             raise ValueError(f"block_length={self.block_length} must divide reasoning_length={self.reasoning_length}.")
 
     def sampler_config(self) -> SamplerConfig:
-        names = {f.name for f in dataclasses.fields(SamplerConfig)} - {"temperature", "seed"}
-        return SamplerConfig(**{n: getattr(self, n) for n in names}, temperature=self.temperature, seed=self.seed)
+        names = {f.name for f in dataclasses.fields(SamplerFields)}
+        guesses = self.dense_coef > 0 and self.dense_credit == "verifier_step"
+        return SamplerConfig(**{n: getattr(self, n) for n in names}, temperature=self.temperature, seed=self.seed,
+                             record_answer_guess=guesses)
 
     def heldout_sampler_config(self) -> SamplerConfig:
         """The held-out evaluation sampler: the rollout sampler with `heldout_policy` and `heldout_temperature`."""
         return dataclasses.replace(self.sampler_config(), policy=self.heldout_policy or self.policy,
                                    temperature=self.heldout_temperature, answer_temperature=None,
-                                   prune_phi=None)  # no gold-answer peeking
+                                   prune_phi=None, record_answer_guess=False)  # no gold-answer peeking
 
     def template_config(self) -> TemplateConfig:
         names = {f.name for f in dataclasses.fields(TemplateConfig)} - {"chat_template", "max_prompt_length"}

@@ -113,6 +113,31 @@ class Generation:
 
         self.answer_texts, self.reasoning_texts = texts(out.answer), texts(out.reasoning)
 
+    def verifier_scores(self, tokenizer, stop_ids: tuple[int, ...], verifier) -> torch.Tensor:
+        """[B, S] v(t): `verifier` (an outcome reward, `f(completions, answer=, answer_texts=)`) on the answer
+        block's greedy guess at the input of every step (`SampleOutput.answer_guess`); NaN where undefined and in
+        rows without a gold answer."""
+        from rewards.intrinsic import verifier_step_scores
+
+        out = self.rollout
+        if out.answer_guess is None:
+            raise ValueError("The stepwise-verifier credit needs the sampler's answer guesses (record_answer_guess).")
+        usable = [b for b in range(len(self.prompts)) if not self.missing_gold[b]]
+
+        def verify(rows: list[int], texts: list[str]) -> list:
+            keep = [k for k, b in enumerate(rows) if b in usable]
+            got = verifier([texts[k] for k in keep], answer=[self.golds[rows[k]] for k in keep],
+                           answer_texts=[texts[k] for k in keep]) if keep else []
+            values = [None] * len(rows)
+            for k, v in zip(keep, got, strict=True):
+                values[k] = v
+            return values
+
+        def decode(ids: list[int]) -> str:
+            return decode_block(tokenizer, torch.tensor(ids), stop_ids, out.mask_id)
+
+        return verifier_step_scores(out.answer_guess, decode, verify).to(out.nfe.device)
+
     def batch_fields(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The per-row tensors that travel in TRL's batch (`BATCH_FIELDS`), on `device`."""
         out = self.rollout

@@ -143,7 +143,7 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
 
     def _add_dense_credit(self, output: dict, gen: Generation, mode: str) -> None:
         """Outcome advantage + dense_coef x the phi credit standardised per group over its loss tokens."""
-        out = gen.rollout
+        out, credit_mode = gen.rollout, self.args.dense_credit
         if out.phi is None or gen.missing_gold.all():
             self._warn_once("no_phi", "dense_coef=%s but no rollout of this batch has a gold answer, so its phi "
                             "credit is 0: it trains outcome-only (a dataset without gold answers: the whole run).",
@@ -153,7 +153,14 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         from rewards.intrinsic import phi_token_credit
 
         device = output["completion_ids"].device
-        credit = phi_token_credit(out.decode_step, out.phi, mode=self.args.dense_credit).to(device)  # [B, G]
+        potential = out.phi
+        if credit_mode == "verifier_step":  # v(t) of the step's greedy answer; credit v(s+1) - v(s)
+            from rewards.registry import get_reward
+
+            verifier = get_reward(self.args.step_verifier)
+            potential, credit_mode = gen.verifier_scores(self.processing_class, self._adapter.eos_ids, verifier), \
+                "immediate"
+        credit = phi_token_credit(out.decode_step, potential, mode=credit_mode).to(device)  # [B, G]
         in_loss = (gen.loss_mask & ~gen.missing_gold.to(out.nfe.device)[:, None]).to(device)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         output["advantages"], share = dense_advantages(

@@ -138,3 +138,33 @@ def test_on_a_real_sampler_trace():
     torch.testing.assert_close(credit[at_zero], expected[at_zero])
     assert set(INTRINSIC_REWARDS) >= {"phi_return_to_go", "phi_immediate", "phi_final", "neg_h_ub_final"}
     torch.testing.assert_close(get_intrinsic_reward("phi_final")(out), out.phi_final)
+
+
+def test_stepwise_verifier_credit_on_a_written_out_trace():
+    from rewards.intrinsic import verifier_step_scores
+
+    # Gold answers: row 0 "7", row 1 "3". One answer position (A=1); -1: the answer block was no longer masked.
+    # Row 0 guesses 5, 5, 7, 7 at the inputs of steps 0-3 (step 3 commits the answer): right from step 2 on.
+    # Row 1 guesses 3, then 4 (its step-1 tokens made the answer wrong), then commits at step 2.
+    guess = torch.tensor([[[5], [5], [7], [7]], [[3], [4], [4], [-1]]])
+    words = {5: "5", 7: "7", 3: "3", 4: "4"}
+    golds = ["7", "3"]
+    calls = []
+
+    def verify(rows, texts):
+        calls.append(list(zip(rows, texts)))
+        return [float(t == golds[r]) for r, t in zip(rows, texts)]
+
+    v = verifier_step_scores(guess, lambda ids: words[ids[0]], verify)
+    assert v.tolist()[0] == [0.0, 0.0, 1.0, 1.0]
+    assert v[1, :3].tolist() == [1.0, 0.0, 0.0] and math.isnan(v[1, 3])
+    assert len(calls) == 1 and sorted(calls[0]) == [(0, "5"), (0, "7"), (1, "3"), (1, "4")]  # each guess once
+    # Reasoning positions decoded at: row 0 steps 0, 1, 1, 2 (answer at 3); row 1 steps 0, 1, -1, -1 (answer at 2).
+    decode_step = torch.tensor([[0, 1, 1, 2, 3], [0, 1, -1, -1, 2]])
+    credit = phi_token_credit(decode_step, v, "immediate")
+    # token at step s gets v(s + 1) - v(s): row 0's step-1 tokens made the answer right (+1); row 1's step-0 token
+    # made it wrong (-1); the committing step gets 0 (v held after its last defined step).
+    assert credit.tolist() == [[0.0, 1.0, 1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0, 0.0]]
+    none = verifier_step_scores(guess, lambda ids: words[ids[0]], lambda rows, texts: [None] * len(rows))
+    assert torch.isnan(none).all()  # unscorable guesses: no credit
+    assert phi_token_credit(decode_step, none, "immediate").abs().sum() == 0

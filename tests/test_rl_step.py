@@ -159,3 +159,54 @@ def test_no_gold_answers_warn_once_and_train_outcome_only(tmp_path, caplog):
             batch = trainer._generate_and_score_completions(_inputs(ds))
             assert batch["advantages"].dim() == 1  # outcome only
     assert sum("has a gold answer" in r.getMessage() for r in caplog.records) == 1
+
+
+def guess_starts_with_the(completions, answer, answer_texts, **kwargs):
+    """A verifier whose verdicts vary on the untrained model below: does the answer block start with 'The'?"""
+    return [float(text.split()[:1] == ["The"]) for text in answer_texts]
+
+
+def test_stepwise_verifier_credit_adds_no_forward_and_credits_the_steps_that_change_the_answer(tmp_path):
+    from rewards.intrinsic import phi_token_credit
+    from rl.advantages import standardise_credit
+
+    forwards, batches, trainers = {}, {}, {}
+    for name, extra in (("outcome", {"dense_coef": 0.0}),
+                        ("verifier", {"dense_coef": 0.5, "dense_credit": "verifier_step", "dense_clip": 100.0,
+                                      "step_verifier": "test_rl_step:guess_starts_with_the"})):
+        tok, model, ds, args = setup(tmp_path, **extra)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(4.0)  # sharper logits: the greedy guesses change along the rollouts
+        trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
+                                       processing_class=tok)
+        calls = []
+        hook = model.register_forward_hook(lambda *_: calls.append(1))  # every model forward, whoever calls it
+        batches[name] = trainer._generate_and_score_completions(_inputs(ds))
+        hook.remove()
+        forwards[name], trainers[name] = len(calls), trainer
+    assert forwards["verifier"] == forwards["outcome"] > 0  # the guesses come from the sampler's own forwards
+    assert torch.equal(batches["verifier"]["completion_ids"], batches["outcome"]["completion_ids"])
+    gen = trainers["verifier"].generation
+    out = gen.rollout
+    # v(t) by hand: the greedy guess at each step's input, decoded and judged by guess_starts_with_the
+    tok = trainers["verifier"].processing_class
+    B, S, _ = out.answer_guess.shape
+    v = torch.full((B, S), float("nan"), dtype=torch.float64)
+    for b in range(B):
+        for t in range(S):
+            if out.answer_guess[b, t, 0] >= 0:
+                text = tok.decode([i for i in out.answer_guess[b, t].tolist() if i != tok.eos_token_id],
+                                  skip_special_tokens=True)
+                v[b, t] = float(text.split()[:1] == ["The"])
+    credit = phi_token_credit(out.decode_step, v, "immediate").float()
+    dense = 0.5 * standardise_credit(credit, batches["verifier"]["loss_mask"].bool(), 4, clip=100.0)
+    outcome = batches["outcome"]["advantages"][:, None]
+    assert torch.allclose(batches["verifier"]["advantages"], outcome + dense, atol=1e-5)
+    assert (v == 1).any() and (v == 0).any() and dense.abs().sum() > 0  # some steps changed the answer's verdict
+
+
+def test_unknown_dense_credit_and_verifier_without_answer_block_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="return_to_go, immediate, verifier_step"):
+        setup(tmp_path, dense_credit="verifier")
+    with pytest.raises(ValueError, match="needs layout infill"):
+        setup(tmp_path, dense_credit="verifier_step", layout="plain")
