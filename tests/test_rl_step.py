@@ -180,7 +180,7 @@ def test_stepwise_verifier_credit_adds_no_forward_and_credits_the_steps_that_cha
         trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
                                        processing_class=tok)
         calls = []
-        hook = model.register_forward_hook(lambda *_: calls.append(1))  # every model forward, whoever calls it
+        hook = model.register_forward_hook(lambda *_, seen=calls: seen.append(1))  # every forward, whoever calls
         batches[name] = trainer._generate_and_score_completions(_inputs(ds))
         hook.remove()
         forwards[name], trainers[name] = len(calls), trainer
