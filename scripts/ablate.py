@@ -19,7 +19,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from rl.ablate import load_ablation, report, run_all
+    from rl.ablate import load_ablation, run_all
+    from rl.ablate_report import report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="Ablation recipe (base, script, common, arms, reference_arm, ...).")

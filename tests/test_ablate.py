@@ -7,7 +7,8 @@ import sys
 import pytest
 import yaml
 
-from rl.ablate import Ablation, load_ablation, read_run, report, run_all, run_recipe, summarize
+from rl.ablate import Ablation, load_ablation, run_all, run_recipe
+from rl.ablate_report import read_run, report, summarize
 
 
 def write_run(folder, evals, rollouts):
@@ -57,9 +58,16 @@ def test_summary_table_against_hand_computed_values(tmp_path):
     assert rows["dense"]["steps_to_target_mean"] == 3 and rows["dense"]["seeds_reaching_target"] == 2
     assert rows["dense"]["nfe_to_target_mean"] == 30 and rows["dense"]["steps_to_target_std"] == pytest.approx(
         math.sqrt(2))
+    # paired against outcome, problem by problem: seed 0 gains problem 0, seed 1 gains problem 2; 8 pairs
+    # d = [1, 0, 0, 0, 0, 0, 1, 0]: mean 0.25, sd sqrt(1.5 / 7), SE sd / sqrt(8)
+    se = math.sqrt(1.5 / 7) / math.sqrt(8)
+    assert rows["dense"]["delta_vs_reference"] == pytest.approx(0.25)
+    assert rows["dense"]["delta_se"] == pytest.approx(se)
+    assert (rows["dense"]["gained"], rows["dense"]["lost"], rows["dense"]["pairs"]) == (2, 0, 8)
     out = report(abl, title="test")
     md = (tmp_path / "abl/results.md").read_text()
-    assert "| dense | 2 | 0.250 | 0.875 ± 0.177 | 2/2 | 3.0 ± 1.4 | 30 ± 14 |" in md
+    assert ("| dense | 2 (0) | 0.250 | 0.875 ± 0.177 | +25.0 ± 16.4 pts (z +1.5; +2/-0 of 8) | 2/2 | 3.0 ± 1.4 | "
+            "30 ± 14 | n/a |") in md
     assert (tmp_path / "abl/curves.png").stat().st_size > 10_000 and out["csv"].endswith("results.csv")
 
 
@@ -121,3 +129,39 @@ def test_shipped_ablation_recipe_builds_valid_training_recipes(tmp_path):
         path = tmp_path / f"{arm}.yaml"
         path.write_text(yaml.safe_dump(run_recipe(abl, arm, 0)))
         parse(grpo.configs(), [str(path), "--use_cpu", "true"])  # every key is a field of the GRPO script's configs
+
+
+def test_failed_runs_wall_time_and_a_reference_that_did_not_improve(tmp_path):
+    abl = ablation(tmp_path)
+    roll = {0: [(10, 0.0)], 1: [(10, 1.0)]}
+    write_run(tmp_path / "abl/outcome/seed0", {0: [0, 1, 0, 1], 2: [0, 1, 0, 1]}, roll)  # no gain: 0.5 -> 0.5
+    write_run(tmp_path / "abl/outcome/seed1", {0: [1, 1, 0, 1], 2: [0, 1, 0, 1]}, roll)  # 0.75 -> 0.5
+    write_run(tmp_path / "abl/dense/seed0", {0: [0, 1, 0, 1], 2: [1, 1, 1, 1]}, roll)
+    (tmp_path / "abl/dense/seed1").mkdir(parents=True)
+    for arm, seed, record in (("outcome", 0, {"status": "ok", "seconds": 100.0}),
+                              ("outcome", 1, {"status": "ok", "seconds": 140.0}),
+                              ("dense", 0, {"status": "ok", "seconds": 90.0}),
+                              ("dense", 1, {"status": "failed (exit 1, see train.log)", "seconds": 3.0})):
+        (tmp_path / f"abl/{arm}/seed{seed}/run.json").write_text(json.dumps(record))
+    table, _ = summarize(abl)
+    rows = {r["arm"]: r for r in table}
+    assert not rows["outcome"]["reference_improved"]  # 0.625 -> 0.5: steps/NFE to target say nothing
+    assert math.isnan(rows["dense"]["steps_to_target_mean"]) and rows["dense"]["seeds_reaching_target"] == 0
+    assert rows["dense"]["failed"] == 1 and rows["dense"]["seeds"] == 1  # the failed run is out of the means
+    assert rows["dense"]["final_accuracy_mean"] == 1.0 and rows["dense"]["pairs"] == 4  # seed 0 only
+    assert rows["outcome"]["wall_seconds_mean"] == 120.0 and rows["dense"]["wall_seconds_mean"] == 90.0
+    report(abl, title="test")
+    md = (tmp_path / "abl/results.md").read_text()
+    assert "did not improve" in md and "| dense | 1 (1) |" in md
+
+
+def test_an_unknown_arm_key_fails_before_anything_is_launched(tmp_path):
+    abl = ablation(tmp_path, script="scripts/grpo.py", launcher="false")
+    abl.arms["typo"] = {"dense_coeff": 0.1}
+    with pytest.raises(ValueError, match="arm 'typo' sets 'dense_coeff'.*Did you mean dense_coef"):
+        run_all(abl)
+    assert not (tmp_path / "abl").exists()  # no run was prepared, let alone launched
+    abl.arms.pop("typo")
+    abl.common["learning_rat"] = 1.0
+    with pytest.raises(ValueError, match="common sets 'learning_rat'"):
+        run_all(abl)

@@ -1,0 +1,259 @@
+"""Ablation results: per-run curves read from the runs' own logs, the per-arm table with a paired test against the
+reference arm, and the learning-curve plot.
+
+Every run writes `heldout/step*_rank*.jsonl` (held-out samples at each evaluation, one record per problem with its
+`index` and `correct`) and `rollouts/step*_rank*.jsonl` (training rollouts with their NFE and rewards); `run.json`
+holds its status and wall time (`rl.ablate.run_all`).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import re
+import statistics
+
+from rl.ablate import Ablation, run_dir
+
+STEP_FILE = re.compile(r"step(\d+)_rank(\d+)\.jsonl$")
+
+
+def _step_files(folder: str) -> dict[int, list[str]]:
+    files: dict[int, list[str]] = {}
+    for path in glob.glob(os.path.join(folder, "step*_rank*.jsonl")):
+        m = STEP_FILE.search(path)
+        if m:
+            files.setdefault(int(m.group(1)), []).append(path)
+    return files
+
+
+def _records(paths: list[str]) -> list[dict]:
+    return [json.loads(line) for p in sorted(paths) for line in open(p) if line.strip()]
+
+
+def read_run(folder: str) -> dict:
+    """Curves of one run: held-out accuracy per evaluated step, train reward and rollout NFE per step.
+
+    Returns {"eval": [(step, accuracy, cumulative rollout NFE before that step)], "train": [(step, mean outcome
+    reward, cumulative NFE after the step)]}. The outcome reward is the first reward function's value.
+    """
+    train, cumulative, nfe_before = [], 0, {}
+    for step, paths in sorted(_step_files(os.path.join(folder, "rollouts")).items()):
+        rows = _records(paths)
+        nfe_before[step] = cumulative
+        cumulative += sum(r["nfe"] for r in rows)
+        rewards = [r["rewards"][0] for r in rows if r.get("rewards") and r["rewards"][0] is not None]
+        train.append((step, statistics.fmean(rewards) if rewards else math.nan, cumulative))
+    evals = []
+    for step, paths in sorted(_step_files(os.path.join(folder, "heldout")).items()):
+        rows = _records(paths)
+        # Rollout logs are numbered by the step being trained (0-based), so the NFE spent before evaluation at
+        # global step s is everything logged for steps < s.
+        spent = nfe_before.get(step, cumulative if step > 0 else 0)
+        evals.append((step, sum(r["correct"] for r in rows) / max(1, len(rows)), spent))
+    return {"eval": evals, "train": train}
+
+
+def final_rows(folder: str) -> dict[int, bool]:
+    """{problem index: correct} of a run's last held-out evaluation ({} if it has none)."""
+    files = _step_files(os.path.join(folder, "heldout"))
+    if not files:
+        return {}
+    rows = _records(files[max(files)])
+    return {int(r.get("index", i)): bool(r["correct"]) for i, r in enumerate(rows)}
+
+
+def paired(ablation: Ablation, arm: str) -> dict:
+    """Paired comparison of `arm` with the reference arm on the same held-out problems, seed by seed.
+
+    Each (seed, problem) evaluated by both arms at their last evaluation is one pair d = correct_arm -
+    correct_reference in {-1, 0, 1}. Returns the mean difference over pairs, its standard error
+    (sd(d) / sqrt(n), treating pairs as independent: seeds share problems, so this understates the spread between
+    seeds), the z score, and the problems gained and lost.
+    """
+    diffs = []
+    for seed in range(ablation.seeds):
+        mine = final_rows(run_dir(ablation, arm, seed))
+        ref = final_rows(run_dir(ablation, ablation.reference_arm, seed))
+        diffs += [int(mine[i]) - int(ref[i]) for i in sorted(set(mine) & set(ref))]
+    if not diffs:
+        return {"pairs": 0, "delta": math.nan, "se": math.nan, "z": math.nan, "gained": 0, "lost": 0}
+    delta = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    z = delta / se if se and not math.isnan(se) else math.nan
+    return {"pairs": len(diffs), "delta": delta, "se": se, "z": z, "gained": diffs.count(1), "lost": diffs.count(-1)}
+
+
+def run_status(folder: str) -> dict:
+    """A run's `run.json` (status, seconds), or {} when it was never launched by `run_all`."""
+    path = os.path.join(folder, "run.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _first_reaching(evals: list[tuple], target: float) -> tuple[float, float]:
+    for step, acc, nfe in evals:
+        if acc >= target - 1e-12:
+            return step, nfe
+    return math.nan, math.nan
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    ok = [v for v in values if not math.isnan(v)]
+    if not ok:
+        return math.nan, math.nan, 0
+    return statistics.fmean(ok), (statistics.stdev(ok) if len(ok) > 1 else 0.0), len(ok)
+
+
+def summarize(ablation: Ablation) -> tuple[list[dict], dict]:
+    """Per-arm table rows and the per-run curves.
+
+    The target is the reference arm's mean final accuracy. Steps and NFE to reach it are reported (not NaN) only
+    when the reference arm improved on its own mean initial accuracy: otherwise every seed "reaches" it at step 0.
+    Failed runs count in `failed` and are left out of the means.
+    """
+    failed = {arm: [s for s in range(ablation.seeds) if run_status(run_dir(ablation, arm, s)).get("status", "")
+                    .startswith("failed")] for arm in ablation.arms}
+    curves = {arm: {s: read_run(run_dir(ablation, arm, s)) for s in range(ablation.seeds) if s not in failed[arm]}
+              for arm in ablation.arms}
+    finals = {arm: [c["eval"][-1][1] for c in runs.values() if c["eval"]] for arm, runs in curves.items()}
+    ref = finals[ablation.reference_arm]
+    target = statistics.fmean(ref) if ref else math.nan
+    ref_start = [c["eval"][0][1] for c in curves[ablation.reference_arm].values() if c["eval"]]
+    improved = bool(ref_start) and target > statistics.fmean(ref_start) + 1e-12
+    table = []
+    for arm, runs in curves.items():
+        reach = [_first_reaching(c["eval"], target) if improved else (math.nan, math.nan)
+                 for c in runs.values() if c["eval"]]
+        acc_m, acc_s, n = _mean_std(finals[arm])
+        steps_m, steps_s, n_steps = _mean_std([r[0] for r in reach])
+        nfe_m, nfe_s, _ = _mean_std([r[1] for r in reach])
+        first = [c["eval"][0][1] for c in runs.values() if c["eval"]]
+        seconds = [run_status(run_dir(ablation, arm, s)).get("seconds") for s in runs]
+        seconds = [x for x in seconds if x is not None]
+        test = paired(ablation, arm) if arm != ablation.reference_arm else {}
+        table.append({
+            "arm": arm, "seeds": n, "failed": len(failed[arm]),
+            "initial_accuracy": statistics.fmean(first) if first else math.nan,
+            "final_accuracy_mean": acc_m, "final_accuracy_std": acc_s,
+            "target_accuracy": target, "seeds_reaching_target": n_steps,
+            "steps_to_target_mean": steps_m, "steps_to_target_std": steps_s,
+            "nfe_to_target_mean": nfe_m, "nfe_to_target_std": nfe_s, "reference_improved": improved,
+            "delta_vs_reference": test.get("delta", math.nan), "delta_se": test.get("se", math.nan),
+            "delta_z": test.get("z", math.nan), "pairs": test.get("pairs", 0), "gained": test.get("gained", 0),
+            "lost": test.get("lost", 0), "wall_seconds_mean": statistics.fmean(seconds) if seconds else math.nan,
+        })
+    return table, curves
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _delta(row: dict) -> str:
+    if math.isnan(row["delta_vs_reference"]):
+        return "reference" if row["pairs"] == 0 and math.isnan(row["delta_se"]) else "n/a"
+    return (f"{100 * row['delta_vs_reference']:+.1f} ± {100 * row['delta_se']:.1f} pts "
+            f"(z {row['delta_z']:+.1f}; +{row['gained']}/-{row['lost']} of {row['pairs']})")
+
+
+def write_table(table: list[dict], folder: str, reference: str) -> tuple[str, str]:
+    csv_path, md_path = os.path.join(folder, "results.csv"), os.path.join(folder, "results.md")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    target = table[0]["target_accuracy"]
+    lines = [
+        f"Target: the `{reference}` arm's mean final held-out accuracy ({target:.3f}). Steps and rollout NFE to reach",
+        "it are averaged over the seeds that reach it (reaching: the first held-out evaluation at or above target).",
+        *([f"The `{reference}` arm did not improve on its initial accuracy, so steps and NFE to its final accuracy "
+           "are not reported (every seed would 'reach' it at step 0)."] if not table[0]["reference_improved"] else []),
+        f"Paired difference against `{reference}`: same seed, same held-out problems, last evaluation; mean ± SE "
+        "over (seed, problem) pairs, z = mean / SE, problems gained/lost. Failed runs are left out of every column.",
+        "",
+        "| arm | seeds (failed) | initial acc | final acc (mean ± std) | vs reference (paired) | seeds reaching "
+        "target | steps to target | rollout NFE to target | wall s / run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        wall = "n/a" if math.isnan(row["wall_seconds_mean"]) else f"{row['wall_seconds_mean']:.0f}"
+        lines.append(
+            f"| {row['arm']} | {row['seeds']} ({row['failed']}) | {row['initial_accuracy']:.3f} | "
+            f"{_fmt(row['final_accuracy_mean'], row['final_accuracy_std'], 3)} | {_delta(row)} | "
+            f"{row['seeds_reaching_target']}/{row['seeds']} | "
+            f"{_fmt(row['steps_to_target_mean'], row['steps_to_target_std'], 1)} | "
+            f"{_fmt(row['nfe_to_target_mean'], row['nfe_to_target_std'], 0)} | {wall} |"
+        )
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def _band(ax, xs_per_seed: list[list[float]], ys_per_seed: list[list[float]], label: str, color) -> None:
+    """Mean curve with a ±1 std band across seeds (curves aligned by index; x is the mean across seeds)."""
+    n = min(len(y) for y in ys_per_seed)
+    if n == 0:
+        return
+    xs = [statistics.fmean(x[i] for x in xs_per_seed) for i in range(n)]
+    ys = [[y[i] for y in ys_per_seed] for i in range(n)]
+    mean = [statistics.fmean(v) for v in ys]
+    std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
+    ax.plot(xs, mean, marker="o", markersize=3, color=color, label=f"{label} (n={len(ys_per_seed)})")
+    ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color,
+                    alpha=0.2, linewidth=0)
+
+
+def plot(curves: dict, folder: str, title: str, smooth: int = 5) -> str:
+    """2 x 2 PNG: held-out accuracy and train reward, against optimizer steps and cumulative rollout NFE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    colors = plt.get_cmap("tab10")
+    for i, (arm, runs) in enumerate(curves.items()):
+        runs = [c for c in runs.values() if c["eval"] or c["train"]]
+        if not runs:
+            continue
+        color = colors(i % 10)
+        ev = [c["eval"] for c in runs]
+        _band(axes[0, 0], [[s for s, _, _ in e] for e in ev], [[a for _, a, _ in e] for e in ev], arm, color)
+        _band(axes[0, 1], [[n for _, _, n in e] for e in ev], [[a for _, a, _ in e] for e in ev], arm, color)
+        tr = [c["train"] for c in runs]
+        k = max(1, smooth)
+        smoothed = [[statistics.fmean(r for _, r, _ in t[max(0, j - k + 1) : j + 1]) for j in range(len(t))]
+                    for t in tr]
+        _band(axes[1, 0], [[s + 1 for s, _, _ in t] for t in tr], smoothed, arm, color)
+        _band(axes[1, 1], [[n for _, _, n in t] for t in tr], smoothed, arm, color)
+    labels = [("optimizer step", "held-out accuracy"), ("cumulative rollout NFE (row forwards)", "held-out accuracy"),
+              ("optimizer step", f"train outcome reward ({smooth}-step mean)"),
+              ("cumulative rollout NFE (row forwards)", f"train outcome reward ({smooth}-step mean)")]
+    for ax, (x, y) in zip(axes.flat, labels):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(f"{title}: mean ± 1 std across seeds")
+    fig.tight_layout()
+    path = os.path.join(folder, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(ablation: Ablation, title: str | None = None) -> dict:
+    """Write results.csv, results.md and curves.png under the ablation's output_dir; returns a JSON summary."""
+    table, curves = summarize(ablation)
+    os.makedirs(ablation.output_dir, exist_ok=True)
+    csv_path, md_path = write_table(table, ablation.output_dir, ablation.reference_arm)
+    png = plot(curves, ablation.output_dir, title or os.path.basename(ablation.output_dir.rstrip("/")))
+    return {"table": table, "csv": csv_path, "markdown": md_path, "png": png}
+
+
