@@ -1,7 +1,7 @@
 """Ablations: run every arm of an ablation recipe for N seeds, then write a results table and learning curves.
 
-    python scripts/ablate.py recipes/ablations/tiny_dense_vs_outcome.yaml --seeds 3
-    python scripts/ablate.py recipes/ablations/tiny_dense_vs_outcome.yaml --report_only   # re-read finished runs
+    python scripts/ablate.py recipes/ablations/tiny_credit.yaml
+    python scripts/ablate.py recipes/ablations/tiny_credit.yaml --report_only   # re-read finished runs
 
 Writes under the recipe's output_dir: <arm>/seed<k>/ (each run's outputs, run_recipe.yaml, train.log),
 results.csv and results.md (final held-out accuracy mean ± std; steps and cumulative rollout NFE to reach the
