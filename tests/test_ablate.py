@@ -114,7 +114,7 @@ def test_bad_ablation_recipes_are_rejected(tmp_path):
     assert run_recipe(ablation(tmp_path), "dense", 0)["dense_coef"] == 0.1
 
 
-@pytest.mark.parametrize("name", ["tiny_credit"])
+@pytest.mark.parametrize("name", ["tiny_credit", "tiny_credit_sparse"])
 def test_shipped_ablation_recipe_builds_valid_training_recipes(tmp_path, name):
     import importlib.util
 
