@@ -51,7 +51,7 @@ def column(kwargs: dict, names: Sequence[str], n: int, reward: str) -> list:
 
 
 _WARNED: set = set()
-_SCORED = ("correct", "wrong", "no_answer", "too_long", "passed", "failed")
+_SCORED = ("correct", "wrong", "no_answer", "hedged", "too_long", "passed", "failed")
 # notes of scorable samples; a reward that reads two blocks prefixes the note of the block that failed
 SCORED_NOTES = _SCORED + ("both_wrong",) + tuple(f"{b}_{note}" for b in ("answer", "reasoning") for note in _SCORED)
 

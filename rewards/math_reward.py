@@ -45,6 +45,9 @@ class MathReward:
             (1.0 only when the answer block and the reasoning's conclusion are both right: no credit for an answer
             block that is right while its reasoning is wrong, or the reverse).
 
+    A prediction that states more answers than the gold has parts ("3 or 4", two different boxes) scores 0 with
+    the note "hedged", logged as `reward/<name>_hedged` (see `rewards.math_answer`).
+
     Call columns: `answer` (or `solution`) holds the gold answer: a GSM8K solution ending in `#### N`, a MATH
     solution with `\\boxed{}`, or a bare answer. If `answer_texts` (the decoded answer blocks of the infilling canvas)
     is given, the prediction is read from it; otherwise from the completion text (see `rewards.math_answer`).
@@ -104,13 +107,17 @@ class MathReward:
             if failed:
                 rewards.append(None)
                 notes[failed[0].status] += 1
-                logger.debug("%s: %s %s", self.__name__, failed[0].status, failed[0].value or "")
+                first_error = failed[0].status == "error" and notes["error"] == 1  # e.g. a gold it cannot parse
+                (logger.warning if first_error else logger.debug)(
+                    "%s: row %d not scorable (%s) %s", self.__name__, i, failed[0].status, failed[0].value or "")
                 continue
             values = [res.value for res in parts]
             rewards.append(min(v for v, _ in values))
             notes[values[0][1] if len(values) == 1 else _joint_note(values)] += 1
         self.totals.update(notes)
         report(self.__name__, rewards, notes, log_metric)
+        if log_metric is not None and n:  # several candidate answers where one was due: scored 0, counted here
+            log_metric(f"reward/{self.__name__}_hedged", sum(v for k, v in notes.items() if k.endswith("hedged")) / n)
         return rewards
 
 

@@ -1,4 +1,6 @@
-"""Code reward: HumanEval canonical solutions pass; hostile programs fail inside their limits, host untouched."""
+"""Code reward: HumanEval canonical solutions pass; programs that break limits fail inside them, host untouched.
+
+The hostile programs that try to forge a verdict or read the host are in test_rewards_adversarial.py."""
 
 import json
 import os
@@ -12,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import rewards.sandbox as sandbox
-from rewards.code_reward import CodeReward, build_program, code_tests, extract_code
-from rewards.sandbox import SandboxLimits, run_program
+from rewards.code_reward import CodeReward, build_program, code_tests, extract_code, prelude
+from rewards.sandbox import SandboxLimits, run_test
 
 psutil = pytest.importorskip("psutil")
 
@@ -21,17 +23,25 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LIMITS = SandboxLimits(wall_seconds=2.0, memory_bytes=512 << 20)
 UNDER_PYTHON = "import sys\nfor m in ('ctypes', '_ctypes', '_socket'):\n    sys.modules.pop(m, None)\nimport ctypes\n"
 LIBC = UNDER_PYTHON + "libc = ctypes.CDLL(None, use_errno=True)\n"
+PASS = "def check(candidate):\n    candidate()\n"  # passes iff the program loads and f() returns
+
+
+def run_program(source: str, limits: SandboxLimits = LIMITS):
+    """Run `source` as the body of f() (indented), so that its failure is the test's failure."""
+    body = "".join(f"    {line}\n" for line in source.splitlines()) or "    pass\n"
+    return run_test(f"def f():\n{body}", PASS, "f", limits=limits)
 
 
 def kernel_guards() -> list[str]:
-    return run_program("pass", LIMITS).guards
+    return run_program("pass").guards
 
 
 def sandbox_processes() -> set[int]:
-    """Every process on the host running the sandbox bootstrap (an escaped fork would still be one)."""
+    """Every process on the host running the sandbox bootstrap or judge (an escaped fork would still be one)."""
     found = set()
     for p in psutil.process_iter(["cmdline"]):
-        if any("sandbox_child.py" in part for part in (p.info["cmdline"] or [])):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "sandbox_child.py" in cmd or "sandbox_judge.py" in cmd:
             found.add(p.pid)
     return found
 
@@ -72,11 +82,12 @@ def test_every_humaneval_canonical_solution_passes(host):
 
 def test_program_assembly():
     prompt, test = "def add(a, b):\n    '''Add.'''\n", "def check(f):\n    assert f(1, 2) == 3\n"
-    assert build_program("    return a + b\n", test, "add", prompt).startswith(prompt + "    return a + b")
+    assert build_program("    return a + b\n", "add", prompt) == prompt + "    return a + b\n"
+    assert prelude(prompt) == prompt and prelude("def add(a, b):\n") is None and prelude([]) is None
     fenced = "Sure:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
     assert extract_code(fenced, "add") == "def add(a, b):\n    return a + b\n"
     chat_prompt = [{"role": "user", "content": "write add"}]
-    assert build_program(fenced, test, "add", chat_prompt).startswith("def add(a, b):")
+    assert build_program(fenced, "add", chat_prompt).startswith("def add(a, b):")
     reward = CodeReward(LIMITS)
     completions = ["    return a + b\n", fenced, [{"role": "assistant", "content": fenced}], "    return a - b\n"]
     prompts = [prompt, prompt, chat_prompt, prompt]
@@ -88,6 +99,50 @@ def test_program_assembly():
     assert reward(completions, prompts=prompts, test=[test] * 2, entry_point=["add"] * 2) == [1.0, 1.0]
 
 
+def test_bad_completions_fail_quickly_with_a_reason():
+    reward = CodeReward(LIMITS)
+    prompt, test = "def add(a, b):\n", "def check(f):\n    assert f(1, 2) == 3\n"
+    completions = ["", "   \n", "    return a +\n", "x" * (10 << 20), "    return (" * 50_000]
+    start = time.perf_counter()
+    out = reward(completions, prompts=[prompt] * 5, test=[test] * 5, entry_point=["add"] * 5)
+    assert out == [0.0] * 5 and time.perf_counter() - start < 5.0
+    reasons = [r.reason for r in reward.last_results]
+    assert reasons[0] == reasons[1] == "failed: empty completion"
+    assert reasons[2].startswith("failed: SyntaxError") and "over the limit of 100000" in reasons[3], reasons
+    assert reasons[4].startswith("failed:"), reasons
+
+
+def test_a_task_that_cannot_run_is_not_scorable(host):
+    reward = CodeReward(LIMITS)
+    tests = ["def check(f):\n    assert f(1) == 1\n", "x = undefined_name\n", "def check(f):\n    f(lambda: 1)\n"]
+    out = reward(["def f(x):\n    return x\n"] * 3, test=tests, entry_point=["f"] * 3)
+    assert out == [1.0, None, None], [r.reason for r in reward.last_results]
+    assert "no check" in reward.last_results[1].reason or "NameError" in reward.last_results[1].reason
+    assert "cannot cross the sandbox boundary" in reward.last_results[2].reason
+
+
+def test_threads_are_allowed_up_to_a_limit(host):
+    started = (
+        "import threading\nresults = []\n"
+        "def work(i):\n    results.append(i * i)\n"
+        "def f(n):\n    ts = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(n)]\n"
+        "    [t.start() for t in ts]\n    [t.join() for t in ts]\n    return sorted(results)\n"
+    )
+    res = run_test(started, "def check(f):\n    assert f(8) == [i * i for i in range(8)]\n", "f", limits=LIMITS)
+    assert res.passed, res.reason
+    daemon = "import threading, time\ndef f():\n" \
+        "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n    return 1\n"
+    assert run_test(daemon, "def check(f):\n    assert f() == 1\n", "f", limits=LIMITS).passed
+    # below the Python guard: how many threads can the program really start?
+    bomb = "import _thread, time\ndef f():\n    n = 0\n    try:\n        while n < 5000:\n" \
+        "            _thread.start_new_thread(time.sleep, (30,))\n            n += 1\n    except RuntimeError:\n" \
+        "        pass\n    return n\n"
+    res = run_test(bomb, "def check(f):\n    n = f()\n    assert n < 32, n\n", "f", limits=LIMITS)
+    if "uid" not in res.guards:
+        pytest.skip(f"no kernel thread limit without the uid layer (root only): {res.guards}")
+    assert res.passed, res.reason
+
+
 @pytest.mark.parametrize(
     "source, status, reason",
     [
@@ -97,20 +152,19 @@ def test_program_assembly():
         ("chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 1024**2))\n", "memory", "memory"),
         ("def f():\n    return f()\nf()\n", "failed", "failed: RecursionError"),
         ("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", "output_limit", "output limit"),
-        ("import os\nos._exit(0)\n", "failed", "failed: exited with code 0 before finishing"),
+        ("import os\nos._exit(0)\n", "failed", "failed: exited with code 0 before the test finished"),
         ("import sys\nsys.exit(0)\n", "failed", "failed: SystemExit"),
-        ("import threading\nthreading.Thread(target=print).start()\n", "failed", "failed: RuntimeError"),
     ],
 )
 def test_limits_and_early_exits_fail_with_a_reason(host, source, status, reason):
-    res = run_program(source, LIMITS)
+    res = run_program(source)
     assert (res.status, res.reason[: len(reason)]) == (status, reason), res.reason
-    assert res.seconds < LIMITS.wall_seconds + 2.0
+    assert res.run_seconds < LIMITS.wall_seconds + 1.0
 
 
 def test_fork_bomb_is_stopped(host):
-    res = run_program("import os\nwhile True:\n    os.fork()\n", LIMITS)
-    assert res.status == "failed" and res.seconds < LIMITS.wall_seconds, res.reason
+    res = run_program("import os\nwhile True:\n    os.fork()\n")
+    assert res.status == "failed" and res.run_seconds < LIMITS.wall_seconds, res.reason
 
 
 def test_fork_bomb_below_python_is_stopped_by_the_kernel(host):
@@ -118,7 +172,7 @@ def test_fork_bomb_below_python_is_stopped_by_the_kernel(host):
     if os.geteuid() == 0 and "seccomp" not in guards:
         pytest.skip(f"root without seccomp ({guards}): nothing below Python would stop a fork bomb here")
     bomb = LIBC + "while True:\n    if libc.fork() < 0:\n        raise OSError(ctypes.get_errno(), 'fork failed')\n"
-    res = run_program(bomb, LIMITS)
+    res = run_program(bomb)
     assert res.status == "failed" and "fork failed" in res.reason, res.reason
 
 
@@ -136,7 +190,7 @@ def test_writes_outside_the_working_directory_fail(host, tmp_path):
     if any(g.startswith("landlock") for g in kernel_guards()):
         attempts.append(LIBC + f"assert libc.open({str(escape).encode()!r}, 0o101, 0o644) >= 0, ctypes.get_errno()")
     for source in attempts:
-        res = run_program(source, LIMITS)
+        res = run_program(source)
         assert res.status == "failed", (source, res.reason)
     assert victim.read_text() == "original" and not escape.exists()
     assert list(tmp_path.iterdir()) == [victim]
@@ -145,7 +199,7 @@ def test_writes_outside_the_working_directory_fail(host, tmp_path):
 def test_disk_filling_stops_at_the_private_tmpfs(host):
     if "tmpfs" not in kernel_guards():
         pytest.skip("no private tmpfs (needs root): only RLIMIT_FSIZE per file bounds the disk use here")
-    res = run_program("for i in range(64):\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\n", LIMITS)
+    res = run_program("for i in range(64):\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\n")
     assert res.status == "failed" and "No space left on device" in res.reason, res.reason
 
 
@@ -164,7 +218,7 @@ def test_no_network(host):
         attempts.append(UNDER_PYTHON + f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))")
     try:
         for source in attempts:
-            res = run_program(source, LIMITS)
+            res = run_program(source)
             assert res.status == "failed", (source, res.reason)
         with pytest.raises(TimeoutError):
             server.accept()  # nobody connected
@@ -180,23 +234,16 @@ def test_cannot_signal_host_processes(host):
             attempts.append(LIBC + f"assert libc.kill({victim.pid}, 9) == 0, ctypes.get_errno()")
             attempts.append(LIBC + "assert libc.kill(-1, 0) == 0, ctypes.get_errno()")  # probe only: signal 0
         for source in attempts:
-            assert run_program(source, LIMITS).status == "failed", source
+            assert run_program(source).status == "failed", source
         assert victim.poll() is None
     finally:
         victim.kill()
         victim.wait()
 
 
-def test_a_fake_status_line_does_not_pass(host):
-    fake = 'import os, json\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b"x start []\\nx {}\\n")\n' \
-        "    except OSError:\n        pass\nos._exit(0)\n"
-    res = run_program(fake, LIMITS)
-    assert not res.passed and res.status == "failed"
-
-
 def test_sandbox_failure_is_not_scorable(host, monkeypatch):
     monkeypatch.setattr(sandbox, "CHILD", Path("/nonexistent/sandbox_child.py"))
-    res = run_program("pass", LIMITS)
+    res = run_program("pass")
     assert res.status == "error"
     reward = CodeReward(LIMITS)
     assert reward(["    return 1\n"], prompts=["def f():\n"], test=["def check(f): pass"], entry_point=["f"]) == [None]
@@ -207,3 +254,5 @@ def test_guards_reported():
     assert {"rlimits", "python"} <= set(guards)
     if platform.machine() == "x86_64" and platform.system() == "Linux":
         assert "seccomp" in guards
+    if os.geteuid() == 0 and "mountns" in guards:
+        assert {"netns", "uid"} <= set(guards)

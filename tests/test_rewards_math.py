@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 
 from rewards.format_reward import FormatReward, answer_format
-from rewards.math_answer import after_delimiter, candidates, gold_answer, last_boxed, last_number
+from rewards.math_answer import (
+    after_delimiter,
+    all_boxed,
+    candidates,
+    gold_answer,
+    gold_parts,
+    last_boxed,
+    last_number,
+    read_answer,
+    stated_answers,
+)
 from rewards.math_reward import MathReward, math_accuracy, reasoning_accuracy, supported_accuracy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -88,7 +98,7 @@ def test_answer_texts_take_precedence_over_the_completion():
     assert math_accuracy(["..."], answer=[r"\frac{1}{2}"], answer_texts=[r"$\frac{2}{4}$."]) == [1.0]
     # a plain-number gold (GSM8K as our task loaders store it): the block, or its last number
     golds = ["18", "18", "18", "18"]
-    blocks = ["18 dollars", r"\frac{36}{2}", "$18.00", "17 or 19"]
+    blocks = ["18 dollars", r"\frac{36}{2}", "$18.00", "18 or 19"]
     assert math_accuracy(["..."] * 4, answer=golds, answer_texts=blocks) == [1.0, 1.0, 1.0, 0.0]
 
 
@@ -115,7 +125,7 @@ def test_supported_reward_needs_the_answer_block_and_the_chain_both_right():
     rewards = supported_accuracy(["..."] * 6, answer=["#### 4"] * 6, answer_texts=blocks, reasoning_texts=reasoning,
                                  log_metric=lambda k, v: log.append((k, v)))
     assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    assert log == [("reward/supported_accuracy_unscorable", 0.0)]
+    assert log == [("reward/supported_accuracy_unscorable", 0.0), ("reward/supported_accuracy_hedged", 0.0)]
     assert supported_accuracy.totals["reasoning_wrong"] >= 1 and supported_accuracy.totals["answer_wrong"] >= 1
     assert supported_accuracy.totals["both_wrong"] >= 1 and supported_accuracy.totals["reasoning_no_answer"] >= 1
     with pytest.raises(ValueError, match="needs `answer_texts` and `reasoning_texts`"):
@@ -146,3 +156,72 @@ def test_format_reward():
     assert plain(["... The answer is 12.", "... The answer is \n12", "12"]) == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="delimiter"):
         FormatReward(delimiter="")
+
+
+def test_stated_answers_count_candidates_not_commas_in_numbers_or_brackets():
+    assert stated_answers("3 or 4") == ["3", "4"] and stated_answers(r"3 \lor 4") == ["3", "4"]
+    assert stated_answers(r"2 \text{ or } 3") == ["2", "3"] and stated_answers("either 3 or 4") == ["3", "4"]
+    assert stated_answers("1,-2") == ["1", "-2"] and stated_answers("3, 5, 7") == ["3", "5", "7"]
+    for one in ["1,018", r"10,\!080", r"11,\! 111,\! 111,\! 100", r"\left( 3, \frac{\pi}{2} \right)", "(3,4]",
+                r"(0,9) \cup (9,36)", r"\{1\pm\sqrt{5},-2\}", "18 dollars", r"\frac{36}{2}", "x", "Thus, she has 4"]:
+        assert len(stated_answers(one)) == 1, one
+    assert stated_answers("17 19") == ["17 19"] and stated_answers("17 19", numbers=True) == ["17", "19"]
+    assert stated_answers("it is 7, not 8", lists=False) == ["it is 7, not 8"]  # prose: commas are grammar
+    assert gold_parts("number", "18") == 1 and gold_parts("latex", "4") == 1 and gold_parts("latex", "1,-2") == 2
+    assert gold_parts("latex", r"1 \pm \sqrt{19}") == 2 and gold_parts("latex", r"10,\!080") == 1
+    assert all_boxed(r"\boxed{3} and \boxed{ 3 } then \boxed{4} and \boxed{5") == ["3", "4"]
+
+
+HEDGED = {  # (gold, text, where the text comes from): each states the right answer among others
+    "gsm8k_or_block": ("#### 4", "3 or 4", "block"),
+    "gsm8k_list_block": ("#### 4", "3, 4, 5", "block"),
+    "gsm8k_side_by_side_block": ("#### 4", "3 4", "block"),
+    "gsm8k_two_boxes": ("#### 4", r"\boxed{3} \boxed{4}", "text"),
+    "gsm8k_or_after_cue": ("#### 4", "So the answer is 3 or 4.", "text"),
+    "gsm8k_list_after_cue": ("#### 4", "The answer is: 2, 3, 4", "text"),
+    "gsm8k_hashes_two_numbers": ("#### 4", "#### 3 4", "text"),
+    "gsm8k_or_in_prose": ("#### 4", "She has either 3 or 4 apples.", "text"),
+    "math_two_boxes": ("4", r"Hence \boxed{3} or maybe \boxed{4}.", "text"),
+    "math_disjunction_boxed": ("4", r"\boxed{3 \text{ or } 4}", "text"),
+    "math_lor_block": (r"\frac{1}{2}", r"\frac{1}{3} \lor \frac{1}{2}", "block"),
+    "math_list_in_box": ("4", r"\boxed{3, 4}", "text"),
+    "math_three_for_two_roots": ("1,-2", r"\boxed{1, -2, 3}", "text"),
+}
+
+
+@pytest.mark.parametrize("name", list(HEDGED))
+def test_hedged_answers_score_zero_and_are_counted(name):
+    gold, text, source = HEDGED[name]
+    reward = MathReward(name=f"hedge_{name}")
+    log = []
+    kwargs = {"answer_texts": [text]} if source == "block" else {}
+    assert reward(["..." if source == "block" else text], answer=[gold], log_metric=lambda k, v: log.append((k, v)),
+                  **kwargs) == [0.0]
+    assert reward.totals["hedged"] == 1 and (f"reward/hedge_{name}_hedged", 1.0) in log
+
+
+def test_one_answer_stated_once_or_the_golds_own_parts_still_pay():
+    cases = [  # (gold, text, source)
+        ("#### 4", r"\boxed{4} so again \boxed{4}", "text"),  # the same answer twice is one answer
+        ("#### 4", "Start with 2. Add 2 to get 4.", "text"),  # prose: the conclusion, not every number
+        ("#### 18", "She sells 9 * 2 = $18 every day.", "text"),
+        ("#### 18", "The answer is 18. I checked it 3 ways.", "text"),  # the cued sentence only
+        ("#### 1,018", "1,018 dollars", "block"),
+        ("1,-2", r"\boxed{1, -2}", "text"),  # the gold lists two roots: two may be stated
+        ("1,-2", r"\boxed{-2} and \boxed{1}", "text"),
+        ("3, 5, 7", "3, 5, 7", "block"),
+        (r"1 \pm \sqrt{19}", r"\boxed{1 + \sqrt{19}, 1 - \sqrt{19}}", "text"),
+        (r"\left( 3, \frac{\pi}{2} \right)", r"\boxed{\left( 3, \frac{\pi}{2} \right)}", "text"),
+        (r"10,\!080", r"\boxed{10,\!080}", "text"),
+    ]
+    for gold, text, source in cases:
+        kwargs = {"answer_texts": [text]} if source == "block" else {}
+        assert math_accuracy(["..." if source == "block" else text], answer=[gold], **kwargs) == [1.0], (gold, text)
+    assert read_answer("3 or 4", "block", "latex", parts=2) == (["3 or 4"], None)  # within the gold's parts
+
+
+def test_an_unparseable_gold_is_an_error_naming_the_row(caplog):
+    reward = MathReward(name="bad_gold")
+    with caplog.at_level("WARNING", logger="rewards"):
+        assert reward([r"\boxed{1}", r"\boxed{1}"], answer=["1", "\\frac{"]) == [1.0, None]
+    assert "row 1" in caplog.text and "cannot parse the gold answer" in caplog.text
