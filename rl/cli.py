@@ -78,7 +78,9 @@ def build_spec(script: str) -> dict[str, list]:
 
     types = script_configs(script)
     parser = build_parser(types)
-    by_dest = {a.dest: a for a in parser._actions}
+    by_dest = {}
+    for action in parser._actions:  # the field's own flag, not the `--no_<field>` HfArgumentParser adds after it
+        by_dest.setdefault(action.dest, action)
     groups = {}
     for t in types:
         options = []
