@@ -158,27 +158,36 @@ def run_all(ablation: Ablation, extra_args: list[str] | None = None) -> list[dic
         else:
             queue.append((arm, seed, cmd))
     total = len(queue)
-    while queue or running:
-        while queue and len(running) < ablation.parallel:
-            arm, seed, cmd = queue.pop(0)
-            logger.info("[%d/%d] %s seed %d: %s", total - len(queue), total, arm, seed, shlex.join(cmd))
-            log = open(os.path.join(run_dir(ablation, arm, seed), "train.log"), "w")
-            running[(arm, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log,
-                                    time.perf_counter())
-        time.sleep(0.2)
-        for (arm, seed), (proc, log, t0) in list(running.items()):
-            code = proc.poll()
-            if code is None:
-                continue
+    try:
+        while queue or running:
+            while queue and len(running) < ablation.parallel:
+                arm, seed, cmd = queue.pop(0)
+                logger.info("[%d/%d] %s seed %d: %s", total - len(queue), total, arm, seed, shlex.join(cmd))
+                log = open(os.path.join(run_dir(ablation, arm, seed), "train.log"), "w")
+                running[(arm, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log,
+                                        time.perf_counter())
+            time.sleep(0.2)
+            for (arm, seed), (proc, log, t0) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[(arm, seed)]
+                out, took = run_dir(ablation, arm, seed), time.perf_counter() - t0
+                status = "ok" if code == 0 else f"failed (exit {code}, see {out}/train.log)"
+                logger.info("%s seed %d: %s in %.0f s (%.0f s elapsed).", arm, seed, status, took,
+                            time.perf_counter() - start)
+                records[(arm, seed)] = {"arm": arm, "seed": seed, "status": status, "seconds": round(took, 1)}
+                with open(os.path.join(out, "run.json"), "w") as f:
+                    json.dump(records[(arm, seed)], f)
+    finally:  # interrupted (Ctrl-C, SIGTERM, an error here): no run outlives the ablation, half-written
+        for proc, log, _ in running.values():
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             log.close()
-            del running[(arm, seed)]
-            out, took = run_dir(ablation, arm, seed), time.perf_counter() - t0
-            status = "ok" if code == 0 else f"failed (exit {code}, see {out}/train.log)"
-            logger.info("%s seed %d: %s in %.0f s (%.0f s elapsed).", arm, seed, status, took,
-                        time.perf_counter() - start)
-            records[(arm, seed)] = {"arm": arm, "seed": seed, "status": status, "seconds": round(took, 1)}
-            with open(os.path.join(out, "run.json"), "w") as f:
-                json.dump(records[(arm, seed)], f)
     return [records[key] for key in order]
 
 

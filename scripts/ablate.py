@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--title", default=None, help="Plot title (default: the output folder's name).")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # stops the running runs too
     ablation = load_ablation(args.recipe, seeds=args.seeds, output_dir=args.output_dir, launcher=args.launcher)
     runs = [] if args.report_only else run_all(ablation, extra)
     summary = report(ablation, args.title)

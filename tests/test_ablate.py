@@ -166,3 +166,39 @@ def test_an_unknown_arm_key_fails_before_anything_is_launched(tmp_path):
     abl.common["learning_rat"] = 1.0
     with pytest.raises(ValueError, match="common sets 'learning_rat'"):
         run_all(abl)
+
+
+SLOW_TRAINER = """
+import os, sys, time, yaml
+recipe = yaml.safe_load(open(sys.argv[1]))
+os.makedirs(recipe["output_dir"], exist_ok=True)
+open(os.path.join(recipe["output_dir"], "pid"), "w").write(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def test_an_interrupted_ablation_stops_its_running_runs(tmp_path):
+    import os
+    import signal
+    import time
+
+    script = tmp_path / "slow_trainer.py"
+    script.write_text(SLOW_TRAINER)
+    abl = ablation(tmp_path, script=str(script), launcher=sys.executable, parallel=2)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(3)  # Ctrl-C three seconds in, while two runs are running
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_all(abl)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    pids = [int((tmp_path / f"abl/outcome/seed{s}/pid").read_text()) for s in range(2)]
+    time.sleep(0.5)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):  # terminated and reaped: no run outlives the ablation
+            os.kill(pid, 0)
