@@ -13,12 +13,11 @@ sends `["ready", guards]` (the layers installed) and, once the module code has r
 exception that stopped it).
 """
 
+import _thread
 import builtins
 import ctypes
-import json
 import os
 import sys
-import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sandbox_confine as confine  # noqa: E402 - found beside this file, before confinement hides it
@@ -82,14 +81,14 @@ def python_guard(workdir: str, readable: list[str], max_threads: int) -> None:
 
         setattr(os, name, guarded)
 
-    start = threading._start_new_thread
+    start = _thread.start_new_thread  # `threading` binds it when the program first imports it
 
     def limited_start(*args, **kwargs):
-        if threading.active_count() >= max_threads:
+        if _thread._count() + 1 >= max_threads:  # _count: the threads started from Python, alive
             raise RuntimeError(f"sandbox: at most {max_threads} threads")
         return start(*args, **kwargs)
 
-    threading._start_new_thread = limited_start
+    _thread.start_new_thread = _thread.start_new = limited_start
 
 
 def _describe(e: BaseException) -> list:
@@ -115,7 +114,7 @@ def serve(namespace: dict, calls, send) -> None:
 
 
 def main() -> None:
-    config, calls_fd, replies_fd = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    config, calls_fd, replies_fd = wire.from_json(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     limits, allowed = config["limits"], config["allowed"]
     workdir = os.getcwd()
     with open("program.py", "rb") as f:

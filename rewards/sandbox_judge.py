@@ -17,7 +17,6 @@ is not plain data fails the call (TypeError); a global the test reads but neithe
 """
 
 import builtins
-import json
 import os
 import resource
 import signal
@@ -211,7 +210,7 @@ def run_check(namespace: dict, entry: str, sandbox: Sandbox, task: dict) -> dict
 
 
 def main() -> None:
-    task = json.loads(sys.stdin.buffer.read())
+    task = wire.from_json(sys.stdin.buffer.read().decode())
     limit = task["memory_bytes"]
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # replies are data, but data can be large
     sandbox = Sandbox(int(sys.argv[1]), int(sys.argv[2]), task["max_reply_bytes"])
@@ -221,7 +220,7 @@ def main() -> None:
     os.close(devnull)
 
     def report(message: dict) -> None:
-        os.write(reports, (json.dumps(message) + "\n").encode())
+        os.write(reports, (wire.to_json(message) + "\n").encode())
 
     report(judge(task, sandbox, report))
 

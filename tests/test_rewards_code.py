@@ -219,7 +219,7 @@ def test_no_network(host):
     try:
         for source in attempts:
             res = run_program(source)
-            assert res.status == "failed", (source, res.reason)
+            assert res.status in ("failed", "timeout"), (source, res.reason)  # a loaded machine imports slowly
         with pytest.raises(TimeoutError):
             server.accept()  # nobody connected
     finally:
