@@ -65,16 +65,20 @@ def refuse_trl_options(args) -> None:
 
 
 def mirror_fields(cls: type, name: str, skip: set[str], notes: dict[str, str]) -> type:
-    """A dataclass with the init fields of `cls` (same names, types and defaults) minus `skip`, so a trainer config
-    inherits them instead of declaring them again; help = the field's attribute docstring + `notes[name]`."""
+    """A dataclass with the init fields of `cls` (same names, types and defaults) minus `skip`, so another config
+    inherits them instead of declaring them again; help = the field's own help (metadata or attribute docstring) +
+    `notes[name]`."""
     from rl.recipe import _attribute_docs
 
     hints, docs = typing.get_type_hints(cls), _attribute_docs(cls)
     specs = []
     for f in dataclasses.fields(cls):
         if f.init and f.name not in skip:
-            text = " ".join(x for x in (docs.get(f.name, ""), notes.get(f.name, "")) if x)
-            specs.append((f.name, hints[f.name], field(default=f.default, metadata={"help": text})))
+            own = f.metadata.get("help") or docs.get(f.name, "")
+            text = " ".join(x for x in (own, notes.get(f.name, "")) if x)
+            default = {"default": f.default} if f.default is not dataclasses.MISSING else {
+                "default_factory": f.default_factory}
+            specs.append((f.name, hints[f.name], field(**default, metadata={"help": text})))
     return dataclasses.make_dataclass(name, specs)
 
 

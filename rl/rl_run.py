@@ -13,7 +13,8 @@ import signal
 from dataclasses import dataclass, field
 
 from rl.checkpoint import resolve_resume, save_final_model
-from rl.models import DTYPES, load_config_dict, load_pretrained, load_tokenizer, set_cpu_threads
+from rl.config import mirror_fields
+from rl.models import ModelConfig, load_config_dict, load_pretrained, load_tokenizer, set_cpu_threads
 from rl.recipe import recipe_yaml
 from rl.sft.config import LoraArguments
 from rl.tasks import TaskConfig, load_task
@@ -21,20 +22,21 @@ from rl.tasks import TaskConfig, load_task
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PolicyModelArgs:
-    """The policy to train (`trust_remote_code` is TRL's own config field). Field names are recipe keys."""
+ModelFields = mirror_fields(ModelConfig, "ModelFields", {"trust_remote_code", "adapter_path"}, {
+    "cpu_threads": "accelerate launch otherwise sets 1 per process."})
+"""`rl.models.ModelConfig`'s fields, declared there once: `trust_remote_code` is TRL's own config field, and RL
+trains a fresh LoRA adapter (`use_peft`) rather than loading one."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local dir of the policy."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (None: the model's)."})
-    dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+
+@dataclass
+class PolicyModelArgs(ModelFields):
+    """The policy to train: `ModelConfig`'s fields (`ModelFields`) plus 4-bit loading. Field names are recipe keys."""
+
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base weights in 4-bit NF4 (bitsandbytes, "
                                                                 "CUDA only) and train LoRA on top (QLoRA)."})
-    mask_token_id: int | None = field(default=None, metadata={"help": "Mask token id, for a checkpoint whose "
-                                                                        "tokenizer and config name none."})
-    cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process when training on CPU (0: the "
-                                                          "machine's cores shared by the local processes; accelerate "
-                                                          "launch otherwise sets 1)."})
+
+    def __post_init__(self) -> None:
+        ModelConfig.__post_init__(self)  # the same checks (dtype, cpu_threads)
 
 
 @dataclass
