@@ -16,6 +16,8 @@ import os
 import re
 import statistics
 
+import yaml
+
 from rl.ablate import Ablation, run_dir
 
 STEP_FILE = re.compile(r"step(\d+)_rank(\d+)\.jsonl$")
@@ -85,6 +87,57 @@ def paired(ablation: Ablation, arm: str) -> dict:
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
     z = delta / se if se and not math.isnan(se) else math.nan
     return {"pairs": len(diffs), "delta": delta, "se": se, "z": z, "gained": diffs.count(1), "lost": diffs.count(-1)}
+
+
+QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float:
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return math.nan
+    return statistics.correlation(xs, ys)
+
+
+def credit_diagnostics(folder: str, group_size: int) -> dict:
+    """What the training rollouts of one run say about the phi credit (read from `rollouts/*.jsonl`).
+
+    phi_corr: Pearson correlation, over rollouts, between the outcome reward and phi at each quantile of the row's
+    defined steps (0: before any reasoning token, 1: phi_T). zero_spread: share of groups (`group_size`
+    consecutive rows of a step file) whose outcome rewards are all equal (no outcome signal);
+    zero_spread_phi_varies: share of those whose phi_T still varies (> 1e-6), i.e. that a phi credit turns into
+    signal. dense_share: mean of the `advantage/dense_share` values the trainer logged (`train.log`; NaN if none).
+    """
+    xs: dict[float, list[float]] = {q: [] for q in QUANTILES}
+    ys: dict[float, list[float]] = {q: [] for q in QUANTILES}
+    flat = varies = groups = 0
+    for _, paths in sorted(_step_files(os.path.join(folder, "rollouts")).items()):
+        for path in paths:
+            rows = _records([path])
+            for g in range(0, len(rows) - group_size + 1, group_size):
+                group = rows[g : g + group_size]
+                rewards = [r["rewards"][0] if r.get("rewards") else None for r in group]
+                finals = [[p for p in r.get("phi") or [] if p is not None][-1:] for r in group]
+                groups += 1
+                if None not in rewards and len(set(rewards)) == 1:
+                    flat += 1
+                    values = [f[0] for f in finals if f]
+                    varies += bool(values) and max(values) - min(values) > 1e-6
+            for r in rows:
+                phi = [p for p in r.get("phi") or [] if p is not None]
+                reward = r["rewards"][0] if r.get("rewards") else None
+                if phi and reward is not None:
+                    for q in QUANTILES:
+                        xs[q].append(phi[round(q * (len(phi) - 1))])
+                        ys[q].append(float(reward))
+    shares = []
+    log = os.path.join(folder, "train.log")
+    if os.path.exists(log):
+        with open(log, errors="replace") as f:
+            shares = [float(x) for x in re.findall(r"'advantage/dense_share': '([-0-9.e]+)'", f.read())]
+    return {"phi_corr": {q: _pearson(xs[q], ys[q]) for q in QUANTILES}, "groups": groups,
+            "zero_spread": flat / groups if groups else math.nan,
+            "zero_spread_phi_varies": varies / flat if flat else math.nan,
+            "dense_share": statistics.fmean(shares) if shares else math.nan}
 
 
 def run_status(folder: str) -> dict:
@@ -248,11 +301,49 @@ def plot(curves: dict, folder: str, title: str, smooth: int = 5) -> str:
     return path
 
 
+def _group_size(folder: str) -> int:
+    path = os.path.join(folder, "run_recipe.yaml")
+    if not os.path.exists(path):
+        return 8
+    with open(path) as f:
+        return int((yaml.safe_load(f) or {}).get("num_generations", 8))
+
+
+def diagnostics_lines(ablation: Ablation) -> list[str]:
+    """A markdown table of `credit_diagnostics` per arm (means over its seeds' runs)."""
+    lines = ["", "What the training rollouts say about phi (means over seeds; `credit_diagnostics`): correlation of "
+             "phi with the outcome reward at 0/25/50/75/100% of each rollout's steps; share of groups with no outcome "
+             "spread, and of those, the share whose phi_T varies (signal a phi credit adds); mean logged dense share "
+             "of the advantage.", "",
+             "| arm | corr(phi, reward) at 0 / 25 / 50 / 75 / 100% | groups without outcome spread | of them, phi_T "
+             "varies | dense share |", "|---|---|---|---|---|"]
+
+    def mean(values: list[float]) -> float:
+        ok = [v for v in values if not math.isnan(v)]
+        return statistics.fmean(ok) if ok else math.nan
+
+    def fmt(x: float, digits: int = 2) -> str:
+        return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+
+    for arm in ablation.arms:
+        runs = [run_dir(ablation, arm, s) for s in range(ablation.seeds)]
+        diags = [credit_diagnostics(r, _group_size(r)) for r in runs if os.path.isdir(r)]
+        if not diags:
+            continue
+        corr = " / ".join(fmt(mean([d["phi_corr"][q] for d in diags])) for q in QUANTILES)
+        lines.append(f"| {arm} | {corr} | {fmt(mean([d['zero_spread'] for d in diags]))} | "
+                     f"{fmt(mean([d['zero_spread_phi_varies'] for d in diags]))} | "
+                     f"{fmt(mean([d['dense_share'] for d in diags]), 3)} |")
+    return lines
+
+
 def report(ablation: Ablation, title: str | None = None) -> dict:
     """Write results.csv, results.md and curves.png under the ablation's output_dir; returns a JSON summary."""
     table, curves = summarize(ablation)
     os.makedirs(ablation.output_dir, exist_ok=True)
     csv_path, md_path = write_table(table, ablation.output_dir, ablation.reference_arm)
+    with open(md_path, "a") as f:
+        f.write("\n".join(diagnostics_lines(ablation)) + "\n")
     png = plot(curves, ablation.output_dir, title or os.path.basename(ablation.output_dir.rstrip("/")))
     return {"table": table, "csv": csv_path, "markdown": md_path, "png": png}
 

@@ -202,3 +202,31 @@ def test_an_interrupted_ablation_stops_its_running_runs(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):  # terminated and reaped: no run outlives the ablation
             os.kill(pid, 0)
+
+
+def test_credit_diagnostics_against_hand_computed_values(tmp_path):
+    from rl.ablate_report import credit_diagnostics
+
+    rows = [  # two groups of 2; phi per step (None: undefined after the answer step)
+        {"rewards": [1.0], "phi": [-3.0, -2.0, -1.0, None]},  # group 0: no outcome spread, phi_T -1 vs -1.5
+        {"rewards": [1.0], "phi": [-2.0, -1.5]},
+        {"rewards": [0.0], "phi": [-4.0, -4.0, -4.0]},  # group 1: spread
+        {"rewards": [1.0], "phi": [-1.0, -0.5, -0.5]},
+    ]
+    (tmp_path / "rollouts").mkdir()
+    (tmp_path / "rollouts" / "step000000_rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train.log").write_text("{'advantage/dense_share': '0.2'}\n{'advantage/dense_share': '0.4'}\n")
+    d = credit_diagnostics(str(tmp_path), group_size=2)
+    assert d["groups"] == 2 and d["zero_spread"] == 0.5 and d["zero_spread_phi_varies"] == 1.0
+    assert d["dense_share"] == pytest.approx(0.3)
+
+    def pearson(x, y):
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+        return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+    rewards = [1.0, 1.0, 0.0, 1.0]
+    assert d["phi_corr"][1.0] == pytest.approx(pearson([-1.0, -1.5, -4.0, -0.5], rewards))  # phi_T
+    assert d["phi_corr"][0.0] == pytest.approx(pearson([-3.0, -2.0, -4.0, -1.0], rewards))  # before reasoning
+    # halfway: index round(0.5 * (n - 1)) of the defined steps, Python's round (half to even): 1, 0, 1, 1
+    assert d["phi_corr"][0.5] == pytest.approx(pearson([-2.0, -2.0, -4.0, -0.5], rewards))
