@@ -142,7 +142,8 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         return output
 
     def _add_dense_credit(self, output: dict, gen: Generation, mode: str) -> None:
-        """Outcome advantage + dense_coef x the phi credit standardised per group over its loss tokens."""
+        """Outcome advantage + dense_coef x the dense credit (phi or stepwise verifier, `dense_credit`)
+        standardised per group over its loss tokens."""
         out, credit_mode = gen.rollout, self.args.dense_credit
         if out.phi is None or gen.missing_gold.all():
             self._warn_once("no_phi", "dense_coef=%s but no rollout of this batch has a gold answer, so its phi "
@@ -154,12 +155,12 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
 
         device = output["completion_ids"].device
         potential = out.phi
-        if credit_mode == "verifier_step":  # v(t) of the step's greedy answer; credit v(s+1) - v(s)
+        if credit_mode == "verifier_step":  # v(t): the verdict on step t's greedy answer guess
             from rewards.registry import get_reward
 
             verifier = get_reward(self.args.step_verifier)
-            potential, credit_mode = gen.verifier_scores(self.processing_class, self._adapter.eos_ids, verifier), \
-                "immediate"
+            potential = gen.verifier_scores(self.processing_class, self._adapter.eos_ids, verifier)
+            credit_mode = "immediate"  # the tokens of step s get v(s+1) - v(s)
         credit = phi_token_credit(out.decode_step, potential, mode=credit_mode).to(device)  # [B, G]
         in_loss = (gen.loss_mask & ~gen.missing_gold.to(out.nfe.device)[:, None]).to(device)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
