@@ -1,5 +1,5 @@
 """Throughput of the outcome rewards on the reference data: GSM8K and MATH-500 (math-verify in the worker pool) and
-HumanEval canonical solutions (sandboxed subprocesses).
+HumanEval canonical solutions (each in a sandbox, its tests in a trusted judge: two interpreters per sample).
 
     python scripts/bench_rewards.py                 # everything: 2 x 1319 GSM8K, 2 x 500 MATH, 164 HumanEval
     python scripts/bench_rewards.py --quick         # a subset, < 1 minute on 2 cores
@@ -7,7 +7,8 @@ HumanEval canonical solutions (sandboxed subprocesses).
 
 Each math set is scored twice: once with the gold answer as the completion (all must be 1.0) and once perturbed
 (GSM8K: the number + 1; MATH: the next problem's answer). Worker start-up is timed separately. Prints one JSON
-object as the last line of stdout: rewards per second per set, counts, accuracies, start-up seconds.
+object as the last line of stdout: rewards per second per set, CPU milliseconds per sample (this process and
+its children: steadier than wall time on a shared machine), counts, accuracies, start-up seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import time
 from pathlib import Path
 
@@ -35,6 +37,12 @@ def load(path: Path, limit: int | None) -> list[dict]:
         raise SystemExit(f"{path} not found; pass --data pointing at the folder with the reference jsonl files.")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:limit] if limit else rows
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the math workers count once they exit)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def timed(fn, *args, **kwargs) -> tuple[list, float]:
@@ -76,9 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
     code = CodeReward(max_workers=args.workers)
     he = load(args.data / "humaneval.jsonl", 32 if args.quick else None)
     columns = {k: [r[k] for r in he] for k in ("prompt", "test", "entry_point")}
+    warm = {"prompt": ["def f():\n"], "test": ["def check(f):\n    pass\n"], "entry_point": ["f"]}
+    _, result["sandbox_startup_seconds"] = timed(code, ["    return 1\n"], **warm)  # probes what Python reads
+    cpu = cpu_seconds()
     scores, seconds = timed(code, [r["canonical_solution"] for r in he], **columns)
     result["humaneval"] = {
         "samples": len(he), "seconds": seconds, "samples_per_second": len(he) / seconds,
+        "cpu_ms_per_sample": 1000 * (cpu_seconds() - cpu) / len(he),
         "pass_rate": sum(s == 1.0 for s in scores) / len(he), "unscorable": sum(s is None for s in scores),
         "guards": code.last_results[0].guards if code.last_results else [],
     }
