@@ -133,6 +133,8 @@ def main() -> None:
         guards.append("netns")
     if confine.private_root(libc, workdir, allowed, uid, limits["disk_bytes"]):  # half a private root: fail loudly
         guards.append("mountns")
+    elif os.geteuid() == 0:  # no private root (a container without CAP_SYS_ADMIN): the host directory, made its own
+        os.chown(workdir, uid, uid)
     if confine.drop_root(libc, uid):
         guards.append("uid")
     if attempt(confine.no_new_privs, libc):
