@@ -256,3 +256,32 @@ def test_guards_reported():
         assert "seccomp" in guards
     if os.geteuid() == 0 and "mountns" in guards:
         assert {"netns", "uid"} <= set(guards)
+
+
+def test_the_wire_carries_plain_data_only():
+    import rewards.sandbox_wire as wire
+
+    values = [None, True, 3, -(2**20000), 1.5, float("inf"), 2 - 1j, b"\x00b", "é\n", [1, (2, 3)], {(1, 2): {3}},
+              frozenset({1}), {"t": "tuple", "v": []}]
+    for v in values:
+        out = wire.decode(wire.loads(wire.dumps(["return", wire.encode(v)]))[1])
+        assert out == v and type(out) is type(v)
+
+    class Yes(int):
+        def __eq__(self, other):
+            return True
+
+    assert type(wire.decode(wire.encode(Yes(5)))) is int  # a subclass travels as its builtin base
+    with pytest.raises(TypeError, match="cannot cross the sandbox boundary"):
+        wire.encode(object())
+    nested = []
+    for _ in range(200):
+        nested = [nested]
+    with pytest.raises(ValueError, match="nested deeper"):
+        wire.encode(nested)
+    bad = [b'["r", {"t": "set", "v": [[1]]}]', b'["r", {"t": "eval", "v": "1"}]', b"[" * 100_000, b'["r"] trailing',
+           b"\xff", b"{}", b'["r", {"t": "tuple", "v": [], "x": 1}]']
+    for line in bad:
+        with pytest.raises(wire.WireError):
+            message = wire.loads(line)
+            wire.decode(message[1])
