@@ -18,7 +18,7 @@ _EXPORTS = {
     "rewards.registry": (
         "INTRINSIC_REWARDS", "REWARDS", "get_intrinsic_reward", "get_reward", "get_rewards", "register_reward",
     ),
-    "rewards.sandbox": ("SandboxLimits", "SandboxResult", "run_program"),
+    "rewards.sandbox": ("SandboxLimits", "SandboxResult", "run_test"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
