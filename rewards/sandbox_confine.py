@@ -1,7 +1,7 @@
 """Kernel confinement layers of the sandbox bootstrap (`sandbox_child.py`); standard library only.
 
-Each layer is independent of the others and is skipped where the platform lacks it (`confine` returns the names of
-those installed). What needs what:
+Each layer is independent of the others and is skipped where the platform lacks it (the bootstrap reports the names
+of those installed). What needs what:
 
 | layer | needs | gives |
 |---|---|---|
@@ -10,10 +10,11 @@ those installed). What needs what:
 | `mountns` | root | a new root: a read-only tmpfs holding only the interpreter's installation and the shared libraries
   it loads (bind-mounted read-only at their own paths), /dev/{null,zero,random,urandom}, and the program's
   private writable tmpfs `/sandbox` of `disk_bytes`. No /proc, no /etc, no home, no host temp dir. |
-| `uid` | root | a random unprivileged uid and gid, no groups: the host's permission checks treat the program as a
-  stranger (no signals to, or /proc/<pid>/mem of, the host's processes), and RLIMIT_NPROC, which the kernel
-  ignores for root, caps the threads at `max_threads` |
-| `nocaps` | root | every capability dropped (bounding, ambient, effective, permitted) |
+| `uid` | root | every capability dropped (bounding, ambient, effective, permitted), then a random unprivileged uid
+  and gid with no groups: the host's permission checks treat the program as a stranger (no signals to, or
+  /proc/<pid>/mem of, the host's processes), and RLIMIT_NPROC, which the kernel ignores for root, caps the
+  threads at `max_threads` |
+| `nonewprivs` | Linux | no privilege gained through exec (Landlock's precondition for an unprivileged process) |
 | `landlock{abi}` | Linux >= 5.13, any user | reads only beneath the same allowed paths, writes only beneath the
   working directory; TCP bind/connect denied (ABI >= 4), signals and abstract sockets scoped (ABI >= 6). For a
   non-root user this is the read isolation. |
