@@ -128,11 +128,9 @@ def run_recipe(ablation: Ablation, arm: str, seed: int) -> dict:
     return recipe
 
 
-def _prepare(ablation: Ablation, arm: str, seed: int, extra_args: list[str] | None) -> list[str] | None:
-    """The command of one run, after writing its recipe; None when the run already finished."""
+def _prepare(ablation: Ablation, arm: str, seed: int, extra_args: list[str] | None) -> list[str]:
+    """The command of one unfinished run, after writing its recipe (an earlier unfinished attempt is removed)."""
     out = run_dir(ablation, arm, seed)
-    if os.path.isdir(os.path.join(out, "final")):
-        return None
     if os.path.isdir(out):  # an unfinished run: start it over (its step logs would mix with the new ones)
         logger.info("%s seed %d: removing the unfinished run in %s.", arm, seed, out)
         shutil.rmtree(out)
@@ -151,17 +149,18 @@ def run_all(ablation: Ablation, extra_args: list[str] | None = None) -> list[dic
     records: dict[tuple[str, int], dict] = {}
     queue, running = [], {}  # running: (arm, seed) -> (process, log file, start time)
     for arm, seed in order:
-        cmd = _prepare(ablation, arm, seed, extra_args)
-        if cmd is None:
+        if os.path.isdir(os.path.join(run_dir(ablation, arm, seed), "final")):
             logger.info("%s seed %d: already finished, skipped.", arm, seed)
             records[(arm, seed)] = {"arm": arm, "seed": seed, "status": "done"}
         else:
-            queue.append((arm, seed, cmd))
+            queue.append((arm, seed))
     total = len(queue)
     try:
         while queue or running:
             while queue and len(running) < ablation.parallel:
-                arm, seed, cmd = queue.pop(0)
+                arm, seed = queue.pop(0)
+                cmd = _prepare(ablation, arm, seed, extra_args)  # written at launch: a stopped ablation leaves
+                # no prepared-but-never-run folders behind
                 logger.info("[%d/%d] %s seed %d: %s", total - len(queue), total, arm, seed, shlex.join(cmd))
                 log = open(os.path.join(run_dir(ablation, arm, seed), "train.log"), "w")
                 running[(arm, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log,
