@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from rollout import MDLMAdapter
+from rollout.adapter import Readout
 
 logger = logging.getLogger("rl.trainer")
 NAN = float("nan")
@@ -31,11 +32,12 @@ NAN = float("nan")
 class FiniteLogitsAdapter(MDLMAdapter):
     """`MDLMAdapter` whose logits are always finite.
 
-    A row whose logits hold NaN or +inf, or a position without any finite logit, gets uniform logits (mask id
-    still -inf) for that forward: the sampler cannot stall on it and the loss cannot turn NaN (the replacement
-    passes no gradient). With `nonfinite_inputs` set to a list, the non-padding tokens of each such row are appended
-    to it, so the trainer can tell which rollouts met them (`nonfinite_rows`). `replaced` counts rows, shared by
-    every copy made with `dataclasses.replace`.
+    A row whose logits hold NaN or +inf, or a position without any finite logit (or, read through `readout`, whose
+    final hidden states hold NaN or inf), gets uniform logits (mask id still -inf) for that forward: the sampler
+    cannot stall on it and the loss cannot turn NaN (the replacement passes no gradient). With `nonfinite_inputs`
+    set to a list, the non-padding tokens of each such row are appended to it, so the trainer can tell which
+    rollouts met them (`nonfinite_rows`). `replaced` counts rows, shared by every copy made with
+    `dataclasses.replace`.
     """
 
     nonfinite_inputs: list | None = None
@@ -52,11 +54,21 @@ class FiniteLogitsAdapter(MDLMAdapter):
             return logits
         uniform = torch.zeros_like(logits[:1])
         uniform[..., self.mask_id] = float("-inf")
+        self._record(bad, input_ids, attention_mask)
+        return torch.where(bad[:, None, None], uniform, logits)
+
+    def checked(self, read: Readout, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Readout:
+        bad = read.nonfinite_rows() if read.full is None else None  # logits read whole are guarded by `logits`
+        if bad is None or not bad.any():
+            return read
+        self._record(bad, input_ids, attention_mask)
+        return read.with_uniform_rows(bad)
+
+    def _record(self, bad: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.replaced[0] += int(bad.sum())
         if self.nonfinite_inputs is not None:
             for i in torch.nonzero(bad).flatten().tolist():
                 self.nonfinite_inputs.append(tuple(input_ids[i][attention_mask[i].bool()].tolist()))
-        return torch.where(bad[:, None, None], uniform, logits)
 
 
 def nonfinite_rows(canvas, out, inputs: list) -> torch.Tensor:

@@ -23,7 +23,10 @@ exactly on-policy (ratio 1).
 Every estimator runs a fixed number of forwards per call, whatever the data (mean_field 1, coupled 2, trajectory
 S), so processes under ZeRO-3 (which gathers parameters per forward) never wait on each other.
 
-`logits_fn(input_ids, attention_mask, keep_last)` is `MDLMAdapter.logits` (mask logit -inf, shift handled).
+`logits_fn(input_ids, attention_mask, keep_last)` is `MDLMAdapter.logits` (mask logit -inf, shift handled). The
+estimators read it through the adapter's `readout`: logits, softmax and entropy are made only at the positions a
+forward scores (a trajectory bucket's tokens: about G/S per row), a chunk at a time under activation checkpointing,
+so neither [B, G, V] logits nor their fp32 softmax are ever kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+from rollout.adapter import MDLMAdapter, Readout
+from rollout.cache import CachePlan, refresh_steps, replay_readout
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -61,12 +68,63 @@ def step_weights(steps: torch.Tensor, nfe: torch.Tensor) -> torch.Tensor:
     return nfe.to(drawn.device, torch.float32).clamp(min=1) / drawn
 
 
-def _score(logits_fn: LogitsFn, input_ids, attention_mask, gen_len: int, targets, temperature: float):
-    """[B, G] log softmax(logits / T) of `targets` at every generation column, and [B, G] entropies."""
-    logits = logits_fn(input_ids, attention_mask, gen_len)  # [B, G, V]
-    logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # greedy rollouts: T=1 log-probs
-    entropy = torch.special.entr(logp.exp()).sum(-1)
-    return logp.gather(-1, targets[..., None]).squeeze(-1), entropy
+def readout_fn(logits_fn: LogitsFn):
+    """`(input_ids, attention_mask, keep_last) -> Readout`: the adapter's own readout for `MDLMAdapter.logits` (logits
+    made only at the scored positions), else the callable's [B, K, V] logits read whole."""
+    owner = getattr(logits_fn, "__self__", None)
+    if getattr(logits_fn, "__name__", "") == "logits" and hasattr(owner, "readout"):
+        return owner.readout
+    return lambda input_ids, attention_mask, keep_last: Readout(
+        mask_id=-1, full=logits_fn(input_ids, attention_mask, keep_last))
+
+
+def score_positions(read: Readout, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N] log softmax(logits / T) of `targets` at (rows, cols) of one forward, and [N] entropies.
+
+    A chunk of positions at a time; with gradients each chunk runs under activation checkpointing, so only its
+    [n, H] inputs are kept for the backward pass, never its [n, V] logits and softmax (recomputed then)."""
+    def fp32(logits, y):
+        logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # [n, V]
+        return logp.gather(-1, y[:, None]).squeeze(-1), torch.special.entr(logp.exp()).sum(-1)
+
+    spans = read.spans(len(rows))
+    if not torch.is_grad_enabled():
+        parts = [fp32(logits, targets[s]) for s, logits in read.chunks(rows, cols)]
+    elif read.one_head_call or read.full is not None:  # checkpoint the fp32 work only (the head runs once)
+        logits = read.logits(rows, cols)
+        parts = [checkpoint(fp32, logits[s], targets[s], use_reentrant=False) for s in spans]
+    else:  # checkpoint head and fp32 work: a chunk keeps only its [n, H] hidden states for the backward pass
+        parts = [checkpoint(lambda src, r, c, y: fp32(read.logits(r, c, source=src), y), read.source, rows[s],
+                            cols[s], targets[s], use_reentrant=False) for s in spans]
+    if not parts:
+        empty = read.source.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _score(logits_fn: LogitsFn, input_ids, attention_mask, gen_len: int, targets, temperature: float, scored,
+           read: Readout | None = None):
+    """[B, G] log softmax(logits / T) of `targets` at the `scored` generation columns, and [B, G] entropies (0
+    elsewhere); logits are made only at the scored positions. `read`: a readout of this forward already made."""
+    read = read or readout_fn(logits_fn)(input_ids, attention_mask, gen_len)
+    r, c = torch.nonzero(scored, as_tuple=True)
+    logp, ent = score_positions(read, r, c, targets[r, c], temperature)
+    zero = torch.zeros(scored.shape, dtype=torch.float32, device=scored.device)
+    return zero.index_put((r, c), logp), zero.index_put((r, c), ent)
+
+
+def _cached_readout(logits_fn: LogitsFn, plan: CachePlan, input_ids, state, attention_mask, gen_start: int,
+                    decode_step, step) -> Readout:
+    """The readout the cached sampler had at decode step `step` [B] (state [B, L] = the canvas at that step): the
+    row's context as it was when it entered its current block, its fresh columns as they are now."""
+    adapter = getattr(logits_fn, "__self__", None)
+    if not isinstance(adapter, MDLMAdapter):
+        raise ValueError("Replaying a cached sampler needs the adapter (pass MDLMAdapter.logits as logits_fn).")
+    current, entered = refresh_steps(decode_step, input_ids[:, gen_start:], adapter.mask_id, plan.block, step)
+    refresh = input_ids.clone()
+    refresh[:, gen_start:][(decode_step >= 0) & (decode_step >= entered[:, None])] = adapter.mask_id
+    return replay_readout(adapter, plan, refresh, state, attention_mask, current, input_ids.shape[1] - gen_start)
 
 
 def mean_field_logps(
@@ -88,9 +146,7 @@ def mean_field_logps(
         hide = _row_bernoulli(seeds, (x.shape[0], gen_start), prompt_mask_prob, x.device)
         hide &= attention_mask[:, :gen_start].bool()
         x[:, :gen_start][hide] = mask_id
-    logp, ent = _score(logits_fn, x, attention_mask, gen_len, input_ids[:, gen_start:], temperature)
-    zero = torch.zeros_like(logp)
-    return torch.where(generated, logp, zero), torch.where(generated, ent, zero)
+    return _score(logits_fn, x, attention_mask, gen_len, input_ids[:, gen_start:], temperature, generated)
 
 
 def coupled_logps(
@@ -111,7 +167,7 @@ def coupled_logps(
     for hidden in (first, generated & ~first):
         x = input_ids.clone()
         x[:, gen_start:][hidden] = mask_id
-        logp, ent = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)
+        logp, ent = _score(logits_fn, x, attention_mask, gen_len, targets, temperature, hidden)
         out, ent_out = torch.where(hidden, logp, out), torch.where(hidden, ent, ent_out)
     return out, ent_out
 
@@ -127,6 +183,7 @@ def trajectory_logps(
     buckets: int,
     temperature: float = 1.0,
     steps: torch.Tensor | None = None,
+    cache: CachePlan | None = None,
 ) -> torch.Tensor:
     """Replay of the sampler's states in `buckets` forwards.
 
@@ -137,6 +194,9 @@ def trajectory_logps(
         buckets: S; bucket b of row i covers steps [floor(b n_i / S), floor((b+1) n_i / S)).
         steps: optional [B, S'] decode steps (`trajectory_steps`, -1 = none): then forward b scores exactly the
             tokens decoded at steps[:, b], from the state at that step, and `buckets` is ignored.
+        cache: the sampler's cache plan (`rollout.cache`), if it ran with a KV cache: each state is then scored as
+            the cached sampler saw it (the context as of the row's block entry), so S >= NFE still reproduces the
+            sampler's log-probs.
     Returns:
         [B, G] log-probs of decoded tokens and [B, G] entropies (0 elsewhere).
     """
@@ -157,7 +217,9 @@ def trajectory_logps(
         # No skip when nothing is scored: the number of forwards must not depend on the data (ZeRO-3 would hang).
         x = input_ids.clone()
         x[:, gen_start:][generated & (decode_step >= lo)] = mask_id  # the state at the bucket's first step
-        logp, ent = _score(logits_fn, x, attention_mask, gen_len, targets, temperature)
+        read = None if cache is None else _cached_readout(logits_fn, cache, input_ids, x, attention_mask, gen_start,
+                                                          decode_step, lo.squeeze(-1))
+        logp, ent = _score(logits_fn, x, attention_mask, gen_len, targets, temperature, scored, read)
         out, ent_out = torch.where(scored, logp, out), torch.where(scored, ent, ent_out)
     return out, ent_out
 
@@ -169,25 +231,37 @@ class EstimatorOptions:
     temperature: float = 1.0
     buckets: int = 8
     prompt_mask_prob: float = 0.15
+    cache: CachePlan | None = None
+    """The rollout sampler's KV-cache plan (`SampleOutput.cache_plan`); only `trajectory` can replay it."""
 
 
 Estimator = Callable[[LogitsFn, torch.Tensor, torch.Tensor, int, dict, int, EstimatorOptions],
                      tuple[torch.Tensor, torch.Tensor]]
 
 
+def _no_cache(options: EstimatorOptions, name: str) -> None:
+    if options.cache is not None:
+        raise ValueError(f"Rollouts sampled with kv_cache={options.cache.mode!r} come from the cached conditionals, "
+                         f"which only the trajectory estimator replays; {name} would score another distribution. "
+                         "Set logprob_estimator: trajectory (or kv_cache: null).")
+
+
 def _mean_field(logits_fn, input_ids, attention_mask, gen_start, trace, mask_id, options):
+    _no_cache(options, "mean_field")
     return mean_field_logps(logits_fn, input_ids, attention_mask, gen_start, trace["decode_step"] >= 0,
                             trace["mask_seed"], mask_id, options.temperature, options.prompt_mask_prob)
 
 
 def _coupled(logits_fn, input_ids, attention_mask, gen_start, trace, mask_id, options):
+    _no_cache(options, "coupled")
     return coupled_logps(logits_fn, input_ids, attention_mask, gen_start, trace["decode_step"] >= 0,
                          trace["mask_seed"], mask_id, options.temperature)
 
 
 def _trajectory(logits_fn, input_ids, attention_mask, gen_start, trace, mask_id, options):
     return trajectory_logps(logits_fn, input_ids, attention_mask, gen_start, trace["decode_step"], trace["nfe"],
-                            mask_id, options.buckets, options.temperature, steps=trace.get("score_steps"))
+                            mask_id, options.buckets, options.temperature, steps=trace.get("score_steps"),
+                            cache=options.cache)
 
 
 ESTIMATORS: dict[str, Estimator] = {"mean_field": _mean_field, "coupled": _coupled, "trajectory": _trajectory}

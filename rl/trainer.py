@@ -206,7 +206,8 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         gen_start = input_ids.shape[1] - logits_to_keep
         batch_size = batch_size or input_ids.shape[0]
         estimator = ESTIMATORS[self.args.logprob_estimator]
-        options = EstimatorOptions(self.args.temperature, self.args.trajectory_buckets, self.args.prompt_mask_prob)
+        options = EstimatorOptions(self.args.temperature, self.args.trajectory_buckets, self.args.prompt_mask_prob,
+                                   cache=self.generation.rollout.cache_plan)  # replay a KV-cached sampler exactly
         # the rows being scored: a loss micro-batch's, or at generation time (old/reference log-probs) the round's
         fields = self._trace if self._trace is not None else self.generation.batch_fields(input_ids.device)
         logps, ents = [], []

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rollout.adapter import MDLMAdapter
-from rollout.policies import PolicyConfig, token_stats
+from rollout.adapter import MDLMAdapter, Readout
+from rollout.cache import CACHE_MODES, CachePlan, RolloutCache, cache_plan
+from rollout.policies import PolicyConfig, TokenStats, token_stats
 from rollout.template import Canvas
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ class SamplerConfig(PolicyConfig):
     """Stop a row (commit its answer block now) once phi(t) < prune_phi (nats, < 0); needs gold answers."""
     seed: int = 0
     """Base seed: row i of a batch uses seed + i unless explicit per-row seeds are passed."""
+    kv_cache: str | None = None
+    """Reuse keys/values across the steps of a semi-AR block (needs block_length; native transformers models only):
+    'prefix' recomputes the current block and everything after it, 'dual' only the current block and the answer
+    block. Each block's first step is a full forward. This changes the distribution sampled from (the context is read
+    as it was at the block's first step, see `rollout.cache`); the trajectory estimator replays exactly that."""
     record_answer_guess: bool = False
     """Record, at each step whose answer block is still fully masked, the answer block's greedy (argmax) tokens:
     the answer the model would give if it stopped reasoning now (`SampleOutput.answer_guess`; read from the step's
@@ -69,6 +75,12 @@ class SamplerConfig(PolicyConfig):
             raise ValueError(f"exit_gamma must be > 0 (an entropy in nats) or None, got {self.exit_gamma}.")
         if self.prune_phi is not None and not self.prune_phi < 0:
             raise ValueError(f"prune_phi must be < 0 (a log-likelihood in nats) or None, got {self.prune_phi}.")
+        if self.kv_cache is not None and self.kv_cache not in CACHE_MODES:
+            raise ValueError(f"kv_cache={self.kv_cache!r}; use one of {', '.join(CACHE_MODES)} or None.")
+        if self.kv_cache is not None and self.block_length is None:
+            raise ValueError(f"kv_cache={self.kv_cache!r} needs semi-autoregressive blocks (block_length): without "
+                             "them no context stays fixed while a block is decoded. Set block_length, or kv_cache: "
+                             "null.")
 
 
 @dataclass
@@ -88,6 +100,8 @@ class SampleOutput:
         phi: [B, S] gold-answer log-likelihood per step (NaN likewise), or None without gold answers.
         answer_guess: [B, S, A] the answer block's argmax tokens at the input of each step (-1 where H_UB is NaN),
             or None unless `record_answer_guess`.
+        cache_plan: which columns the KV cache recomputed (`rollout.cache.CachePlan`), None without a cache: the
+            trajectory estimator needs it to replay the cached conditionals.
         stats: batch accounting (forward calls, wall and forward seconds, tokens decoded).
     """
 
@@ -106,6 +120,7 @@ class SampleOutput:
     stats: dict = field(default_factory=dict)
     pruned: torch.Tensor | None = None
     answer_guess: torch.Tensor | None = None
+    cache_plan: CachePlan | None = None
 
     @property
     def generation(self) -> torch.Tensor:
@@ -219,6 +234,54 @@ def _draw_split(logits, rows, in_answer, generators, config: SamplerConfig):
     return tokens, logps
 
 
+def _position_stats(read: Readout, need: torch.Tensor, fresh: torch.Tensor, answer_cols: torch.Tensor,
+                    gold_cols: torch.Tensor | None):
+    """The T=1 statistics of one forward at the positions that are read, a chunk of positions at a time.
+
+    Args:
+        need: [b, G] positions whose logits are read (the current block's candidates, the answer block while fresh).
+        fresh: [b] rows whose answer block is still fully masked; answer_cols: [G].
+        gold_cols: [b, G] gold answer ids at the answer columns (phi), or None.
+    Returns:
+        TokenStats of [b, G] tensors (0 where not read), [b, G] float64 log p(gold) at the fresh rows' answer
+        columns (or None), and [b, G] argmax ids at those columns (for `record_answer_guess`).
+    """
+    r, c = torch.nonzero(need, as_tuple=True)
+    entropy = torch.zeros(need.shape, dtype=torch.float32, device=need.device)
+    confidence, margin = entropy.clone(), entropy.clone()
+    argmax = torch.zeros(need.shape, dtype=torch.long, device=need.device)
+    gold_logp = torch.zeros(need.shape, dtype=torch.float64, device=need.device) if gold_cols is not None else None
+    at_answer = fresh[r] & answer_cols[c]  # [N] positions H_UB, phi and the guess read
+    for span, logits in read.chunks(r, c):  # logits [n, V]
+        rs, cs = r[span], c[span]
+        s = token_stats(logits)
+        entropy[rs, cs], confidence[rs, cs], margin[rs, cs] = s.entropy, s.confidence, s.margin
+        a = at_answer[span]
+        if a.any():
+            argmax[rs[a], cs[a]] = logits[a].argmax(-1)
+            if gold_logp is not None:
+                logp = torch.log_softmax(logits[a].double(), -1)  # [n_a, V]
+                gold_logp[rs[a], cs[a]] = logp.gather(-1, gold_cols[rs[a], cs[a]][:, None]).squeeze(-1)
+    return TokenStats(entropy=entropy, confidence=confidence, margin=margin), gold_logp, argmax
+
+
+def _draw_positions(read: Readout, r_idx, c_idx, rows, in_answer, generators, config: SamplerConfig):
+    """`_draw_split` at the chosen positions, a few rows at a time (whole rows: each row's noise stream stays one
+    draw), so the fp64 noise and logits never span the whole batch."""
+    tokens = torch.empty(len(r_idx), dtype=torch.long, device=r_idx.device)
+    logps = torch.empty(len(r_idx), dtype=torch.float32, device=r_idx.device)
+    limit = max(1, read.chunk // 4)  # fp64 noise, Gumbel and log-softmax: several [n, V] doubles live at once
+    parts, lo, size = [], 0, 0
+    for n in torch.unique_consecutive(r_idx, return_counts=True)[1].tolist():  # r_idx is sorted: one count per row
+        if size and size + n > limit:
+            parts, lo, size = parts + [slice(lo, lo + size)], lo + size, 0
+        size += n
+    for part in parts + ([slice(lo, lo + size)] if size else []):
+        tokens[part], logps[part] = _draw_split(read.logits(r_idx[part], c_idx[part]), rows[part], in_answer[part],
+                                                generators, config)
+    return tokens, logps
+
+
 @torch.no_grad()
 def sample(
     adapter: MDLMAdapter,
@@ -267,30 +330,44 @@ def sample(
         A = canvas.answer.stop - canvas.answer.start
         guess = torch.full((B, max_steps, A), -1, dtype=torch.long, device=device)
     active = torch.nonzero(canvas.masked().any(-1)).squeeze(-1)  # rows with something to decode
-    forwards = 0
+    forwards = columns = 0
+    plan = cache_plan(config.kv_cache, block, answer_cols)
+    kv = RolloutCache(adapter, plan, B, L) if plan is not None else None
 
     while active.numel():
         c0 = int(n_pads[active].min())  # trim columns that are padding in every active row
         x = ids[active, c0:]  # [b, L - c0]
-        logits = adapter.logits(x, canvas.attention_mask[active, c0:], keep_last=G)  # [b, G, V]
-        forwards += 1
         masked = x[:, g0 - c0 :] == canvas.mask_id  # [b, G]
-        stats = token_stats(logits)
+        # Candidates: the row's earliest block with a masked position (the answer block comes last).
+        blk = torch.where(masked, block.expand_as(masked), torch.full_like(masked, G, dtype=torch.long))
+        current = blk.min(-1, keepdim=True).values  # [b, 1]
+        candidates = masked & (blk == current)
+        fresh = masked[:, canvas.answer].all(-1) if canvas.answer is not None else masked[:, 0] & False  # [b]
+        if kv is None:
+            read = adapter.readout(x, canvas.attention_mask[active, c0:], keep_last=G)  # logits on demand, [b, G, .]
+            columns += x.numel()
+        else:
+            read = kv.readout(active, x, canvas.attention_mask[active, c0:], current.squeeze(-1), keep_last=G)
+        forwards += 1
+        # Logits only where they are read: this block's candidates, and the answer block while H_UB / phi exist.
+        gold_cols = None
+        if phi is not None:
+            gold_cols = torch.zeros_like(masked, dtype=torch.long)
+            gold_cols[:, canvas.answer] = canvas.gold[active]
+        stats, gold_logp, argmax = _position_stats(read, candidates | (answer_cols & fresh[:, None]), fresh,
+                                                   answer_cols, gold_cols)
         t = nfe[active]  # [b] this forward's step index per row
         exiting = torch.zeros_like(t, dtype=torch.bool)
         reasoning_left = (masked & ~answer_cols).any(-1)  # [b]
 
         if canvas.answer is not None:
-            fresh = masked[:, canvas.answer].all(-1)  # [b] answer block untouched: H_UB, phi defined
             hub = stats.entropy[:, canvas.answer].double().sum(-1)  # [b]
             h_ub[active[fresh], t[fresh]] = hub[fresh]
             if phi is not None:
-                logp = torch.log_softmax(logits[:, canvas.answer].double(), -1)  # [b, A, V]
-                gold = canvas.gold[active][:, :, None]
-                phi_t = (logp.gather(-1, gold).squeeze(-1) * phi_w[active]).sum(-1)  # [b]
+                phi_t = (gold_logp[:, canvas.answer] * phi_w[active]).sum(-1)  # [b]
                 phi[active[fresh], t[fresh]] = phi_t[fresh]
             if guess is not None:
-                guess[active[fresh], t[fresh]] = logits[fresh][:, canvas.answer].argmax(-1)
+                guess[active[fresh], t[fresh]] = argmax[fresh][:, canvas.answer]
             if config.exit_gamma is not None:
                 exiting = fresh & (hub < config.exit_gamma)
             if config.prune_phi is not None:
@@ -298,16 +375,12 @@ def sample(
                 pruned[active[pruning]] = True
                 exiting = exiting | pruning
 
-        # Candidates: the row's earliest block with a masked position (the answer block comes last).
-        blk = torch.where(masked, block.expand_as(masked), torch.full_like(masked, G, dtype=torch.long))
-        current = blk.min(-1, keepdim=True).values  # [b, 1]
-        candidates = masked & (blk == current)
         chosen = config.select(stats, candidates)
         chosen = torch.where(exiting[:, None], masked & answer_cols, chosen)
         exit_step[active[exiting & reasoning_left]] = t[exiting & reasoning_left]
 
         r_idx, c_idx = torch.nonzero(chosen, as_tuple=True)  # row-major: grouped by row, columns ascending
-        tokens, logps = _draw_split(logits[r_idx, c_idx], active[r_idx], answer_cols[c_idx], generators, config)
+        tokens, logps = _draw_positions(read, r_idx, c_idx, active[r_idx], answer_cols[c_idx], generators, config)
         rows = active[r_idx]
         ids[rows, g0 + c_idx] = tokens
         decode_step[rows, c_idx] = t[r_idx]
@@ -324,9 +397,13 @@ def sample(
         "tokens_decoded": int((decode_step >= 0).sum()),
         "wall_seconds": wall,
         "forward_seconds": adapter.forward_seconds - fwd_start,
+        "columns_run": columns if kv is None else kv.query_tokens,  # canvas columns run through the model
     }
+    if kv is not None:
+        stats.update(refreshes=kv.refreshes, cached_steps=kv.cached_steps)
     return SampleOutput(
         sequences=ids, attention_mask=canvas.attention_mask, gen_start=g0, reasoning=canvas.reasoning,
         answer=canvas.answer, mask_id=canvas.mask_id, decode_step=decode_step, token_logprob=token_logprob,
         nfe=nfe, exit_step=exit_step, h_ub=h_ub, phi=phi, stats=stats, pruned=pruned, answer_guess=guess,
+        cache_plan=plan,
     )
