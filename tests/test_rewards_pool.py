@@ -86,7 +86,7 @@ def test_timeouts_give_none_with_a_logged_count(caplog):
     assert out == [None, 1.0]
     assert reward.totals["timeout"] == 1 and reward.totals["correct"] == 1
     assert "1 of 2 samples not scorable" in caplog.text
-    assert metrics == {"reward/tiny_timeout_unscorable": 0.5}
+    assert metrics == {"reward/tiny_timeout_unscorable": 0.5, "reward/tiny_timeout_hedged": 0.0}
     reward.pool.close()
 
 
