@@ -78,6 +78,9 @@ def paired(ablation: Ablation, arm: str) -> dict:
     """
     diffs = []
     for seed in range(ablation.seeds):
+        pair = (run_dir(ablation, arm, seed), run_dir(ablation, ablation.reference_arm, seed))
+        if not all(os.path.isdir(os.path.join(folder, "final")) for folder in pair):
+            continue  # only finished runs are compared
         mine = final_rows(run_dir(ablation, arm, seed))
         ref = final_rows(run_dir(ablation, ablation.reference_arm, seed))
         diffs += [int(mine[i]) - int(ref[i]) for i in sorted(set(mine) & set(ref))]
@@ -168,12 +171,14 @@ def summarize(ablation: Ablation) -> tuple[list[dict], dict]:
 
     The target is the reference arm's mean final accuracy. Steps and NFE to reach it are reported (not NaN) only
     when the reference arm improved on its own mean initial accuracy: otherwise every seed "reaches" it at step 0.
-    Failed runs count in `failed` and are left out of the means.
+    Failed runs count in `failed`, runs not finished (no `final/`: still running, or never launched) in
+    `unfinished`; both are left out of every other column.
     """
     failed = {arm: [s for s in range(ablation.seeds) if run_status(run_dir(ablation, arm, s)).get("status", "")
                     .startswith("failed")] for arm in ablation.arms}
-    curves = {arm: {s: read_run(run_dir(ablation, arm, s)) for s in range(ablation.seeds) if s not in failed[arm]}
-              for arm in ablation.arms}
+    finished = {arm: [s for s in range(ablation.seeds) if s not in failed[arm]
+                      and os.path.isdir(os.path.join(run_dir(ablation, arm, s), "final"))] for arm in ablation.arms}
+    curves = {arm: {s: read_run(run_dir(ablation, arm, s)) for s in finished[arm]} for arm in ablation.arms}
     finals = {arm: [c["eval"][-1][1] for c in runs.values() if c["eval"]] for arm, runs in curves.items()}
     ref = finals[ablation.reference_arm]
     target = statistics.fmean(ref) if ref else math.nan
@@ -192,6 +197,7 @@ def summarize(ablation: Ablation) -> tuple[list[dict], dict]:
         test = paired(ablation, arm) if arm != ablation.reference_arm else {}
         table.append({
             "arm": arm, "seeds": n, "failed": len(failed[arm]),
+            "unfinished": ablation.seeds - len(failed[arm]) - len(finished[arm]),
             "initial_accuracy": statistics.fmean(first) if first else math.nan,
             "final_accuracy_mean": acc_m, "final_accuracy_std": acc_s,
             "target_accuracy": target, "seeds_reaching_target": n_steps,
@@ -230,14 +236,16 @@ def write_table(table: list[dict], folder: str, reference: str) -> tuple[str, st
         f"Paired difference against `{reference}`: same seed, same held-out problems, last evaluation; mean ± SE "
         "over (seed, problem) pairs, z = mean / SE, problems gained/lost. Failed runs are left out of every column.",
         "",
-        "| arm | seeds (failed) | initial acc | final acc (mean ± std) | vs reference (paired) | seeds reaching "
+        "| arm | seeds (failed, unfinished) | initial acc | final acc (mean ± std) | vs reference (paired) | seeds "
+        "reaching "
         "target | steps to target | rollout NFE to target | wall s / run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         wall = "n/a" if math.isnan(row["wall_seconds_mean"]) else f"{row['wall_seconds_mean']:.0f}"
         lines.append(
-            f"| {row['arm']} | {row['seeds']} ({row['failed']}) | {row['initial_accuracy']:.3f} | "
+            f"| {row['arm']} | {row['seeds']} ({row['failed']}, {row['unfinished']}) | "
+            f"{row['initial_accuracy']:.3f} | "
             f"{_fmt(row['final_accuracy_mean'], row['final_accuracy_std'], 3)} | {_delta(row)} | "
             f"{row['seeds_reaching_target']}/{row['seeds']} | "
             f"{_fmt(row['steps_to_target_mean'], row['steps_to_target_std'], 1)} | "
@@ -327,7 +335,7 @@ def diagnostics_lines(ablation: Ablation) -> list[str]:
 
     for arm in ablation.arms:
         runs = [run_dir(ablation, arm, s) for s in range(ablation.seeds)]
-        diags = [credit_diagnostics(r, _group_size(r)) for r in runs if os.path.isdir(r)]
+        diags = [credit_diagnostics(r, _group_size(r)) for r in runs if os.path.isdir(os.path.join(r, "final"))]
         if not diags:
             continue
         corr = " / ".join(fmt(mean([d["phi_corr"][q] for d in diags])) for q in QUANTILES)

@@ -15,6 +15,7 @@ def write_run(folder, evals, rollouts):
     """evals: {step: [correct, ...]}; rollouts: {step: [(nfe, reward), ...]} in the trainer's file layout."""
     (folder / "heldout").mkdir(parents=True)
     (folder / "rollouts").mkdir(parents=True)
+    (folder / "final").mkdir(parents=True)  # a finished run
     for step, correct in evals.items():
         rows = [{"correct": c, "nfe": 9} for c in correct]
         (folder / "heldout" / f"step{step:06d}_rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -66,7 +67,7 @@ def test_summary_table_against_hand_computed_values(tmp_path):
     assert (rows["dense"]["gained"], rows["dense"]["lost"], rows["dense"]["pairs"]) == (2, 0, 8)
     out = report(abl, title="test")
     md = (tmp_path / "abl/results.md").read_text()
-    assert ("| dense | 2 (0) | 0.250 | 0.875 ± 0.177 | +25.0 ± 16.4 pts (z +1.5; +2/-0 of 8) | 2/2 | 3.0 ± 1.4 | "
+    assert ("| dense | 2 (0, 0) | 0.250 | 0.875 ± 0.177 | +25.0 ± 16.4 pts (z +1.5; +2/-0 of 8) | 2/2 | 3.0 ± 1.4 | "
             "30 ± 14 | n/a |") in md
     assert (tmp_path / "abl/curves.png").stat().st_size > 10_000 and out["csv"].endswith("results.csv")
 
@@ -153,7 +154,7 @@ def test_failed_runs_wall_time_and_a_reference_that_did_not_improve(tmp_path):
     assert rows["outcome"]["wall_seconds_mean"] == 120.0 and rows["dense"]["wall_seconds_mean"] == 90.0
     report(abl, title="test")
     md = (tmp_path / "abl/results.md").read_text()
-    assert "did not improve" in md and "| dense | 1 (1) |" in md
+    assert "did not improve" in md and "| dense | 1 (1, 0) |" in md
 
 
 def test_an_unknown_arm_key_fails_before_anything_is_launched(tmp_path):
