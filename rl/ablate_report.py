@@ -196,7 +196,7 @@ def summarize(ablation: Ablation) -> tuple[list[dict], dict]:
         seconds = [x for x in seconds if x is not None]
         test = paired(ablation, arm) if arm != ablation.reference_arm else {}
         table.append({
-            "arm": arm, "seeds": n, "failed": len(failed[arm]),
+            "arm": arm, "is_reference": arm == ablation.reference_arm, "seeds": n, "failed": len(failed[arm]),
             "unfinished": ablation.seeds - len(failed[arm]) - len(finished[arm]),
             "initial_accuracy": statistics.fmean(first) if first else math.nan,
             "final_accuracy_mean": acc_m, "final_accuracy_std": acc_s,
@@ -215,8 +215,10 @@ def _fmt(mean: float, std: float, digits: int) -> str:
 
 
 def _delta(row: dict) -> str:
+    if row["is_reference"]:
+        return "reference"
     if math.isnan(row["delta_vs_reference"]):
-        return "reference" if row["pairs"] == 0 and math.isnan(row["delta_se"]) else "n/a"
+        return "n/a"
     return (f"{100 * row['delta_vs_reference']:+.1f} ± {100 * row['delta_se']:.1f} pts "
             f"(z {row['delta_z']:+.1f}; +{row['gained']}/-{row['lost']} of {row['pairs']})")
 
