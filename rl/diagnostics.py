@@ -23,6 +23,7 @@ import torch
 
 from rollout import MDLMAdapter
 from rollout.adapter import Readout
+from rollout.guard import round_stats
 
 logger = logging.getLogger("rl.trainer")
 NAN = float("nan")
@@ -148,6 +149,12 @@ class DiagnosticsMixin:
         if self._sampler.prune_phi is not None:
             m["rollout/prune_rate"].append(self._gather_mean(out.pruned.float()))
         m["rollout/tokens_per_nfe"].append(self._gather_mean(out.generated.sum(-1).float() / out.nfe.clamp(min=1)))
+        stats = {k: self._gather_mean(torch.tensor([v])) for k, v in round_stats(out).items()}  # the guard's inputs
+        m["rollout/decode_nll"].append(stats["decode_nll"])
+        m["rollout/answer_entropy"].append(stats["answer_entropy"])
+        if getattr(self, "_guard", None) is not None and mode == "train":
+            for key, value in self._guard.observe(stats).items():
+                m[key].append(value)
         if out.phi is not None:
             m["reward/phi_T"].append(self._gather_mean(out.phi_final))
         rewards = gen.rewards  # [B_global, F] per reward function, gathered by TRL

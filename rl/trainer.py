@@ -36,6 +36,7 @@ from rl.generation import BATCH_FIELDS, Generation
 from rl.logprobs import ESTIMATORS, EstimatorOptions, step_weights
 from rl.rloo_loss import per_token_clipped_loss
 from rollout import MDLMAdapter, layout_canvas, sample
+from rollout.guard import ParallelismGuard
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         model = self.accelerator.unwrap_model(self.model)
         self._adapter = FiniteLogitsAdapter.wrap(MDLMAdapter.from_pretrained(model, self.processing_class))
         self._sampler = self.args.sampler_config()
+        self._guard = ParallelismGuard.from_config(self._sampler)  # parallel_guard: its cap tightens across rounds
         self._template = self.args.template_config()
         self._round = 0  # rollout rounds so far: seeds the sampler's per-row streams; saved in checkpoints
         self.generation: Generation | None = None  # the current rollout round's record
@@ -83,10 +85,12 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         return dataclasses.replace(self._adapter, model=model)
 
     def _resume_state(self) -> dict:
-        return {"round": self._round}
+        return {"round": self._round, **({"guard": self._guard.state_dict()} if self._guard else {})}
 
     def _load_resume_state(self, state: dict) -> None:
         self._round = state["round"]
+        if self._guard and "guard" in state:
+            self._guard.load_state_dict(state["guard"])
 
     # Generation ---------------------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
@@ -104,7 +108,8 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
                                        answers=answers, max_length=adapter.max_length, answer_overflow="truncate")
             was_training = model.training
             model.eval()
-            out = sample(adapter, canvas, self._sampler, seeds=seeds)
+            out = sample(adapter, canvas, self._guard.config(self._sampler) if self._guard else self._sampler,
+                         seeds=seeds)
             model.train(was_training)
         gen.record_rollout(out, canvas.report, nonfinite_rows(canvas, out, adapter.nonfinite_inputs),
                            args.loss_on_answer, args.trajectory_buckets)

@@ -117,6 +117,9 @@ class PolicyConfig:
     """EB ordering proxy: 'entropy' or 'confidence'."""
     tau: float = 0.9
     """Confidence threshold in (0, 1]."""
+    max_per_step: int | None = None
+    """Most positions a row decodes in one step, whatever the policy (it keeps the policy's best-ranked ones): a cap
+    on the parallelism of med / eb / threshold. None: the policy's own limit. `parallel_guard` moves it in RL."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -133,20 +136,30 @@ class PolicyConfig:
             raise ValueError(f"eb_proxy={self.eb_proxy!r}; use 'entropy' or 'confidence'.")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}.")
+        if self.max_per_step is not None and self.max_per_step < 1:
+            raise ValueError(f"max_per_step must be >= 1 or None, got {self.max_per_step}.")
 
     def select(self, stats: TokenStats, candidates: torch.Tensor) -> torch.Tensor:
-        """[B, G] bool: the positions to decode this step."""
+        """[B, G] bool: the positions to decode this step (at most `max_per_step` per row)."""
+        key = self.key(stats, candidates)
+        if self.policy in ("left_to_right", "entropy", "confidence", "margin"):
+            chosen = select_ranked(key, candidates, torch.full_like(_count(candidates), self.k))
+        elif self.policy == "med":
+            chosen = med(stats.entropy, candidates, self.med_lambda, self.med_k_max)
+        elif self.policy == "eb":
+            chosen = entropy_bounded(stats.entropy, key, candidates, self.eb_gamma)
+        else:
+            chosen = threshold(stats.confidence, candidates, self.tau)
+        if self.max_per_step is None:
+            return chosen
+        return select_ranked(key, chosen, torch.full_like(_count(chosen), self.max_per_step))
+
+    def key(self, stats: TokenStats, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, G] the policy's ranking key (lower is decoded first)."""
         if self.policy == "left_to_right":
-            return left_to_right(candidates, self.k)
-        if self.policy == "entropy":
-            return top_k(stats.entropy, candidates, self.k)
-        if self.policy == "confidence":
-            return top_k(-stats.confidence, candidates, self.k)
+            return torch.arange(candidates.shape[-1], device=candidates.device).expand(candidates.shape).float()
+        if self.policy in ("entropy", "med") or (self.policy == "eb" and self.eb_proxy == "entropy"):
+            return stats.entropy
         if self.policy == "margin":
-            return top_k(-stats.margin, candidates, self.k)
-        if self.policy == "med":
-            return med(stats.entropy, candidates, self.med_lambda, self.med_k_max)
-        if self.policy == "eb":
-            proxy = stats.entropy if self.eb_proxy == "entropy" else -stats.confidence
-            return entropy_bounded(stats.entropy, proxy, candidates, self.eb_gamma)
-        return threshold(stats.confidence, candidates, self.tau)
+            return -stats.margin
+        return -stats.confidence  # confidence, threshold, eb by confidence

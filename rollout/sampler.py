@@ -58,6 +58,12 @@ class SamplerConfig(PolicyConfig):
     'prefix' recomputes the current block and everything after it, 'dual' only the current block and the answer
     block. Each block's first step is a full forward. This changes the distribution sampled from (the context is read
     as it was at the block's first step, see `rollout.cache`); the trajectory estimator replays exactly that."""
+    parallel_guard: bool = False
+    """RL rollouts: tighten `max_per_step` as the policy grows confident (cap x the decoded tokens' NLL held at its
+    first-round level) and log alarms when tokens per NFE or the answer entropy jump (`rollout.guard`)."""
+    guard_alarm_ratio: float = 1.5
+    """parallel_guard: alarm when tokens per NFE exceed, or the answer entropy falls below, its moving average by
+    this factor."""
     record_answer_guess: bool = False
     """Record, at each step whose answer block is still fully masked, the answer block's greedy (argmax) tokens:
     the answer the model would give if it stopped reasoning now (`SampleOutput.answer_guess`; read from the step's
@@ -75,6 +81,8 @@ class SamplerConfig(PolicyConfig):
             raise ValueError(f"exit_gamma must be > 0 (an entropy in nats) or None, got {self.exit_gamma}.")
         if self.prune_phi is not None and not self.prune_phi < 0:
             raise ValueError(f"prune_phi must be < 0 (a log-likelihood in nats) or None, got {self.prune_phi}.")
+        if not self.guard_alarm_ratio > 1:
+            raise ValueError(f"guard_alarm_ratio must be > 1, got {self.guard_alarm_ratio}.")
         if self.kv_cache is not None and self.kv_cache not in CACHE_MODES:
             raise ValueError(f"kv_cache={self.kv_cache!r}; use one of {', '.join(CACHE_MODES)} or None.")
         if self.kv_cache is not None and self.block_length is None:

@@ -91,3 +91,39 @@ def test_token_stats_exact_and_handles_impossible_tokens():
 def test_policy_config_rejects_out_of_range(kwargs):
     with pytest.raises(ValueError):
         PolicyConfig(**kwargs)
+
+
+@pytest.mark.parametrize("policy", ["med", "threshold", "eb", "entropy"])
+def test_max_per_step_keeps_the_policys_best_ranked_positions(policy):
+    ent = torch.tensor([[0.05, 0.5, 0.01, 0.03, 0.02]])
+    conf = torch.tensor([[0.97, 0.6, 0.99, 0.98, 0.985]])
+    stats = token_stats(torch.zeros(1, 5, 3))
+    stats.entropy, stats.confidence = ent, conf
+    cand = torch.ones(1, 5, dtype=torch.bool)
+    kwargs = {"med_lambda": 0.1, "tau": 0.9, "eb_gamma": 0.1, "k": 4}
+    free = PolicyConfig(policy=policy, **kwargs).select(stats, cand)
+    capped = PolicyConfig(policy=policy, max_per_step=2, **kwargs).select(stats, cand)
+    assert int(free.sum()) == 4 and picks(capped) == [[2, 4]]  # the two most confident / lowest entropy
+
+
+def test_parallel_guard_tightens_its_cap_as_the_policy_grows_confident_and_alarms_on_jumps(caplog):
+    from rollout import SamplerConfig
+    from rollout.guard import ParallelismGuard
+
+    assert ParallelismGuard.from_config(SamplerConfig(policy="med", med_k_max=8)) is None
+    guard = ParallelismGuard.from_config(SamplerConfig(policy="med", med_k_max=8, parallel_guard=True))
+    assert guard.cap0 == 8 and guard.cap() == 8
+    for _ in range(4):  # steady rounds: reference NLL 1.0, no alarm
+        metrics = guard.observe({"tokens_per_nfe": 2.0, "decode_nll": 1.0, "answer_entropy": 1.0})
+        assert metrics["rollout/guard_alarm"] == 0 and metrics["rollout/guard_cap"] == 8
+    for _ in range(12):  # the policy sharpens to NLL 0.25: the cap follows to 8 * 0.25 = 2
+        guard.observe({"tokens_per_nfe": 2.5, "decode_nll": 0.25, "answer_entropy": 0.9})
+    assert guard.cap() == 2 and guard.config(SamplerConfig(policy="med")).max_per_step == 2
+    metrics = guard.observe({"tokens_per_nfe": 6.0, "decode_nll": 0.25, "answer_entropy": 0.2})
+    assert metrics["rollout/guard_alarm"] == 1 and guard.alarms == 1
+    assert "tokens per NFE jumped" in caplog.text and "answer entropy fell" in caplog.text
+    restored = ParallelismGuard(cap0=8)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.cap() == guard.cap() and restored.alarms == 1
+    with pytest.raises(ValueError, match="needs max_per_step"):
+        ParallelismGuard.from_config(SamplerConfig(policy="threshold", parallel_guard=True))
