@@ -19,7 +19,7 @@ from rl.logprobs import trajectory_steps
 from rl.seeding import row_seeds
 from rollout import SampleOutput, decode_block
 
-BATCH_FIELDS = ("decode_step", "nfe", "mask_seed", "score_steps", "loss_mask")
+BATCH_FIELDS = ("decode_step", "nfe", "mask_seed", "score_steps", "loss_mask", "cache_block", "cache_answer")
 """The per-row tensors of a record that travel in TRL's batch (the estimators read them at loss time)."""
 
 
@@ -143,4 +143,9 @@ class Generation:
         out = self.rollout
         fields = {"decode_step": out.decode_step, "nfe": out.nfe, "mask_seed": self.seeds["mask"],
                   "score_steps": self.score_steps, "loss_mask": self.loss_mask}
+        plan = out.cache_plan
+        if plan is not None:  # the KV-cache plan per row, so a batch restored on resume replays it too
+            B = len(out.nfe)
+            fields["cache_block"] = plan.block[None].expand(B, -1)
+            fields["cache_answer"] = plan.answer[None].expand(B, -1)
         return {k: v.to(device) for k, v in fields.items() if v is not None}

@@ -36,6 +36,7 @@ from rl.generation import BATCH_FIELDS, Generation
 from rl.logprobs import ESTIMATORS, EstimatorOptions, step_weights
 from rl.rloo_loss import per_token_clipped_loss
 from rollout import MDLMAdapter, layout_canvas, sample
+from rollout.cache import CachePlan
 from rollout.guard import ParallelismGuard
 
 logger = logging.getLogger(__name__)
@@ -211,10 +212,13 @@ class DiffusionMixin(DiagnosticsMixin, ResumableMixin):
         gen_start = input_ids.shape[1] - logits_to_keep
         batch_size = batch_size or input_ids.shape[0]
         estimator = ESTIMATORS[self.args.logprob_estimator]
-        options = EstimatorOptions(self.args.temperature, self.args.trajectory_buckets, self.args.prompt_mask_prob,
-                                   cache=self.generation.rollout.cache_plan)  # replay a KV-cached sampler exactly
         # the rows being scored: a loss micro-batch's, or at generation time (old/reference log-probs) the round's
         fields = self._trace if self._trace is not None else self.generation.batch_fields(input_ids.device)
+        cache = None  # replay a KV-cached sampler exactly: its plan travels with the rows
+        if "cache_block" in fields:
+            cache = CachePlan(self._sampler.kv_cache, fields["cache_block"][0].cpu(), fields["cache_answer"][0].cpu())
+        options = EstimatorOptions(self.args.temperature, self.args.trajectory_buckets, self.args.prompt_mask_prob,
+                                   cache=cache)
         logps, ents = [], []
         for s in range(0, input_ids.shape[0], batch_size):
             rows = slice(s, s + batch_size)
