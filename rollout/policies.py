@@ -139,8 +139,9 @@ class PolicyConfig:
         if self.max_per_step is not None and self.max_per_step < 1:
             raise ValueError(f"max_per_step must be >= 1 or None, got {self.max_per_step}.")
 
-    def select(self, stats: TokenStats, candidates: torch.Tensor) -> torch.Tensor:
-        """[B, G] bool: the positions to decode this step (at most `max_per_step` per row)."""
+    def select(self, stats: TokenStats | None, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, G] bool: the positions to decode this step (at most `max_per_step` per row). `stats` may be None for
+        left_to_right, which ranks by column alone."""
         key = self.key(stats, candidates)
         if self.policy in ("left_to_right", "entropy", "confidence", "margin"):
             chosen = select_ranked(key, candidates, torch.full_like(_count(candidates), self.k))
@@ -154,7 +155,7 @@ class PolicyConfig:
             return chosen
         return select_ranked(key, chosen, torch.full_like(_count(chosen), self.max_per_step))
 
-    def key(self, stats: TokenStats, candidates: torch.Tensor) -> torch.Tensor:
+    def key(self, stats: TokenStats | None, candidates: torch.Tensor) -> torch.Tensor:
         """[B, G] the policy's ranking key (lower is decoded first)."""
         if self.policy == "left_to_right":
             return torch.arange(candidates.shape[-1], device=candidates.device).expand(candidates.shape).float()

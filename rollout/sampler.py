@@ -362,8 +362,10 @@ def sample(
         if phi is not None:
             gold_cols = torch.zeros_like(masked, dtype=torch.long)
             gold_cols[:, canvas.answer] = canvas.gold[active]
-        stats, gold_logp, argmax = _position_stats(read, candidates | (answer_cols & fresh[:, None]), fresh,
-                                                   answer_cols, gold_cols)
+        # Left-to-right chooses by column alone: it reads logits only at the positions it decodes.
+        chosen = config.select(None, candidates) if config.policy == "left_to_right" else None
+        need = (candidates if chosen is None else chosen) | (answer_cols & fresh[:, None])
+        stats, gold_logp, argmax = _position_stats(read, need, fresh, answer_cols, gold_cols)
         t = nfe[active]  # [b] this forward's step index per row
         exiting = torch.zeros_like(t, dtype=torch.bool)
         reasoning_left = (masked & ~answer_cols).any(-1)  # [b]
@@ -383,7 +385,7 @@ def sample(
                 pruned[active[pruning]] = True
                 exiting = exiting | pruning
 
-        chosen = config.select(stats, candidates)
+        chosen = config.select(stats, candidates) if chosen is None else chosen
         chosen = torch.where(exiting[:, None], masked & answer_cols, chosen)
         exit_step[active[exiting & reasoning_left]] = t[exiting & reasoning_left]
 

@@ -12,8 +12,16 @@ Measured:
   temperature chosen (by bisection on one forward) to put the median per-token entropy at `--target_entropy`
   nats: MED then has confident and unconfident positions to tell apart. The exit threshold is the 25th
   percentile of H_UB seen by the k=1 run.
+- `cache`: k=1 / MED / MED + exit with no KV cache, the prefix cache and the dual cache (`kv_cache`), side by side:
+  rows/s, speed-up over no cache at the same policy, and the peak CUDA memory of each rollout batch.
 - `grpo_step`: one diffusion GRPO step through `DiffusionGRPOTrainer` with LoRA (r=128, alpha=64 on every linear
-  layer), gradient checkpointing and bf16: wall seconds and peak CUDA memory.
+  layer), gradient checkpointing and bf16: wall seconds and peak CUDA memory; `update_memory`: the peak of the
+  update alone (the rollout batch generated first, then the loss's forward and backward), with the trajectory
+  estimator at S=8 contiguous buckets and at S=8 sampled steps - the memory envelope of docs/memory.md.
+
+`--code DIR` imports the library (rollout/, rl/, rewards/) from another checkout, e.g. the revision before the
+logits-only change, so its peaks can be set side by side with these (the cache rows are skipped when that code has
+no `kv_cache`).
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target_entropy", type=float, default=0.3, help="median per-token entropy (nats)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--skip_grpo", action="store_true", help="skip the LoRA GRPO step")
+    p.add_argument("--skip_cache", action="store_true", help="skip the KV-cache comparison")
+    p.add_argument("--code", default=None, help="import the library from this checkout instead (side by side)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -151,30 +161,115 @@ def rollouts(adapter, canvas, args, temperature: float, device) -> tuple[dict, f
     return results, exit_gamma
 
 
-def grpo_step(model, tokenizer_texts, args, device, bf16: bool) -> dict:
-    """One LoRA GRPO step through the trainer; peak CUDA memory (None on CPU) and wall time."""
+def _peak_reset(device) -> None:
     import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device) -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if str(device).startswith("cuda") else None
+
+
+def cache_rollouts(adapter, canvas, args, temperature: float, exit_gamma: float, device) -> dict:
+    """k=1 / MED / MED + exit x no cache / prefix / dual on the same canvas: rows/s and peak memory."""
+    from rollout import SamplerConfig, sample
+
+    seeds = list(range(args.seed, args.seed + canvas.input_ids.shape[0]))
+    policies = {"k1": {"policy": "left_to_right"}, "med": {"policy": "med", "med_lambda": args.med_lambda},
+                "med_exit": {"policy": "med", "med_lambda": args.med_lambda, "exit_gamma": exit_gamma}}
+    results = {}
+    for name, spec in policies.items():
+        for cache in (None, "prefix", "dual"):
+            config = SamplerConfig(**spec, block_length=args.block_length, temperature=temperature, kv_cache=cache)
+            _peak_reset(device)
+            start = time.perf_counter()
+            out = sample(adapter, canvas, config, seeds=seeds)
+            _sync(device)
+            wall = time.perf_counter() - start
+            results[f"{name}/{cache or 'none'}"] = {
+                "rows_per_s": round(len(seeds) / wall, 3), "nfe_per_row": round(out.nfe.float().mean().item(), 2),
+                "peak_memory_gib": _peak_gib(device), "columns_run": out.stats.get("columns_run"),
+            }
+        base = results[f"{name}/none"]["rows_per_s"]
+        for cache in ("none", "prefix", "dual"):
+            r = results[f"{name}/{cache}"]
+            r["speedup_vs_no_cache"] = round(r["rows_per_s"] / base, 2)
+    return results
+
+
+def update_memory(model, rows_tok, args, device, bf16: bool) -> dict:
+    """Peak memory of one GRPO update alone (rollouts generated first), trajectory S=8 buckets and S=8 sampled steps.
+    LoRA r=128 on every linear layer, gradient checkpointing, beta 0; tokens in the loss and bytes per such token."""
+    out = {}
+    for sampled in (False, True):
+        with tempfile.TemporaryDirectory() as out_dir:
+            trainer = _trainer(model, rows_tok, args, device, bf16, out_dir, reward=_text_hash, trajectory_buckets=8,
+                               trajectory_sample_steps=sampled, skip_zero_advantage_rows=False)
+            trainer.model.train()
+            trainer.current_gradient_accumulation_steps = 1  # set by `train()`, read by TRL's loss
+            batch = trainer._generate_and_score_completions([rows_tok[0][0]] * args.rows)
+            tokens = int(batch["tool_mask"].sum())
+            _peak_reset(device)
+            trainer.compute_loss(trainer.model, batch).backward()
+            _sync(device)
+            peak = _peak_gib(device)
+            _release(trainer)
+        out["sampled_steps" if sampled else "buckets"] = {
+            "peak_memory_gib": peak, "loss_tokens": tokens,
+            "bytes_per_loss_token": None if peak is None else round(peak * 2**30 / max(1, tokens))}
+    return out
+
+
+def _text_hash(completions, **kwargs):
+    return [sum(map(ord, c)) % 13 / 13 for c in completions]
+
+
+def _trainer(model, rows_tok, args, device, bf16: bool, out_dir: str, reward, **overrides):
+    """A LoRA (r=128, every linear layer) diffusion GRPO trainer of one step on `model`."""
     from datasets import Dataset
     from peft import LoraConfig
 
     from rl.config import DiffusionGRPOConfig
     from rl.trainer import DiffusionGRPOTrainer
 
-    rows, tokenizer = tokenizer_texts
-    R, A = args.reasoning_length, args.answer_length
+    rows, tokenizer = rows_tok
+    settings = dict(output_dir=out_dir, use_cpu=not str(device).startswith("cuda"), bf16=bf16,
+                    per_device_train_batch_size=args.rows, num_generations=args.rows, max_steps=1,
+                    reasoning_length=args.reasoning_length, answer_length=args.answer_length,
+                    block_length=args.block_length, policy="med", med_lambda=args.med_lambda, learning_rate=1e-5,
+                    beta=0.0, report_to=[], save_strategy="no", logging_steps=1, gradient_checkpointing=True,
+                    trajectory_buckets=4, seed=args.seed, rollout_log_dir="")
+    config = DiffusionGRPOConfig(**{**settings, **overrides})
+    peft = LoraConfig(r=128, lora_alpha=64, target_modules="all-linear")  # no task type: PEFT wraps any model
+    model.train()
+    return DiffusionGRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=Dataset.from_list(rows),
+                                processing_class=tokenizer, peft_config=peft)
+
+
+def _release(trainer) -> None:
+    """Take the LoRA layers out of the base model again (the next measurement wraps it afresh), free the rest."""
+    import gc
+
+    import torch
+
+    trainer.model.unload()
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def grpo_step(model, tokenizer_texts, args, device, bf16: bool) -> dict:
+    """One LoRA GRPO step through the trainer; peak CUDA memory (None on CPU) and wall time."""
+    import torch
+
     with tempfile.TemporaryDirectory() as out:
-        config = DiffusionGRPOConfig(
-            output_dir=out, use_cpu=not str(device).startswith("cuda"), bf16=bf16,
-            per_device_train_batch_size=args.rows, num_generations=args.rows, max_steps=1, reasoning_length=R,
-            answer_length=A, block_length=args.block_length,
-            policy="med", med_lambda=args.med_lambda, learning_rate=1e-5, beta=0.0, report_to=[], save_strategy="no",
-            logging_steps=1, gradient_checkpointing=True, trajectory_buckets=4, seed=args.seed, rollout_log_dir="",
-        )
-        peft = LoraConfig(r=128, lora_alpha=64, target_modules="all-linear")  # no task type: PEFT wraps any model
-        model.train()
-        trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[_math()], args=config,
-                                       train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                                       peft_config=peft)
+        trainer = _trainer(model, tokenizer_texts, args, device, bf16, out, reward=_math())
         if str(device).startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
@@ -184,6 +279,7 @@ def grpo_step(model, tokenizer_texts, args, device, bf16: bool) -> dict:
         wall = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda") else None
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        _release(trainer)
     return {"rows": args.rows, "wall_s": round(wall, 2), "peak_memory_gib": None if peak is None else round(peak, 2),
             "trainable_params": trainable, "lora_r": 128, "gradient_checkpointing": True}
 
@@ -196,6 +292,8 @@ def _math():
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.code:
+        sys.path.insert(0, str(Path(args.code).resolve()))
     import torch
 
     from rl.tasks import TaskConfig, load_task
@@ -237,8 +335,13 @@ def main(argv=None) -> dict:
     result["logit_temperature"] = round(temperature, 5)
     result["rollouts"], result["exit_gamma"] = rollouts(adapter, canvas, args, temperature, device)
     result["exit_gamma"] = round(result["exit_gamma"], 4)
+    from rollout import SamplerConfig
+
+    if not args.skip_cache and "kv_cache" in SamplerConfig.__dataclass_fields__:
+        result["cache"] = cache_rollouts(adapter, canvas, args, temperature, result["exit_gamma"], device)
     if not args.skip_grpo:
         result["grpo_step"] = grpo_step(model, (rows, tokenizer), args, device, bf16=device.type == "cuda")
+        result["update_memory"] = update_memory(model, (rows, tokenizer), args, device, bf16=device.type == "cuda")
     return result
 
 

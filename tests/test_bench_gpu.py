@@ -25,6 +25,12 @@ def test_tiny_bench_measures_forwards_rollouts_and_one_grpo_step():
     assert 0 <= result["rollouts"]["med_0.2_exit"]["exit_rate"] <= 1
     assert all(0 <= r["sampler_overhead"] < 1 for r in result["rollouts"].values())
     assert result["grpo_step"]["trainable_params"] > 0 and result["grpo_step"]["peak_memory_gib"] is None
+    cache = result["cache"]
+    assert set(cache) == {f"{p}/{c}" for p in ("k1", "med", "med_exit") for c in ("none", "prefix", "dual")}
+    assert cache["k1/none"]["speedup_vs_no_cache"] == 1.0 and cache["k1/dual"]["nfe_per_row"] == 24 + 4
+    assert cache["k1/dual"]["columns_run"] < cache["k1/prefix"]["columns_run"] < cache["k1/none"]["columns_run"]
+    for estimator in ("buckets", "sampled_steps"):
+        assert result["update_memory"][estimator]["loss_tokens"] > 0
 
 
 @pytest.mark.gpu
@@ -32,3 +38,5 @@ def test_tiny_bench_measures_forwards_rollouts_and_one_grpo_step():
 def test_8b_shaped_bench_on_gpu():
     result = _bench().main([])
     assert result["params_billion"] > 7 and result["grpo_step"]["peak_memory_gib"] > 0
+    assert result["update_memory"]["buckets"]["peak_memory_gib"] > 0
+    assert result["cache"]["med/prefix"]["rows_per_s"] > 0
