@@ -101,3 +101,31 @@ def test_a_cache_is_refused_without_blocks_or_for_a_model_that_cannot_use_it():
     oracle = MDLMAdapter(OracleModel({(4, 4, 4, 4, 4): 1.0}, 10, canvas.gen_length, slots), mask_id=MASK, pad_id=0)
     with pytest.raises(ValueError, match="cannot use it"):
         sample(oracle, canvas, SamplerConfig(block_length=2, kv_cache="prefix"))
+
+
+def test_grpo_with_a_cached_sampler_has_ratio_one_and_scores_the_samplers_log_probs(tmp_path):
+    from test_trainer import answer_match, setup
+
+    from rl.generation import BATCH_FIELDS
+    from rl.trainer import DiffusionGRPOTrainer
+
+    tok, model, ds, args = setup(tmp_path, num_iterations=2, block_length=2, kv_cache="dual", trajectory_buckets=8,
+                                 policy="med", med_lambda=2.0, parallel_guard=True)
+    trainer = DiffusionGRPOTrainer(model=model, reward_funcs=[answer_match], args=args, train_dataset=ds,
+                                   processing_class=tok)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([dict(x) for x in ds.select(range(4))])
+    out = trainer.generation.rollout
+    assert out.cache_plan is not None and out.stats["cached_steps"] > 0 and int(out.nfe.max()) <= 8
+    trainer._trace = {k: batch[k] for k in BATCH_FIELDS if k in batch}  # as `_compute_loss` sets it
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    keep = batch["completion_ids"].shape[1]
+    current, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, keep)
+    assert torch.equal(current.detach(), batch["old_per_token_logps"])  # ratio exactly 1
+    in_loss = batch["loss_mask"].bool()
+    assert torch.allclose(current.detach()[in_loss], out.token_logprob[in_loss], atol=1e-5)  # the sampled policy
+    trainer._trace = None
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert {"rollout/guard_cap", "rollout/guard_alarm", "rollout/answer_entropy", "rollout/decode_nll"} <= set(logs)
