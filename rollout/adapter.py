@@ -224,12 +224,8 @@ class MDLMAdapter:
         logits = self._lm_head(hidden)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits.masked_fill(self._mask_vector(logits), float("-inf"))
-
-    def _mask_vector(self, logits: torch.Tensor) -> torch.Tensor:
-        onehot = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        onehot[self.mask_id] = True
-        return onehot
+        logits[..., self.mask_id] = float("-inf")  # in place: no backward reads this output (a full copy is slow)
+        return logits
 
     def _check_call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int) -> int:
         """Validate one forward's arguments; the number of trailing columns to read (one more when shifted)."""

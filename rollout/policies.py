@@ -27,15 +27,18 @@ class TokenStats:
     margin: torch.Tensor
 
 
-def token_stats(logits: torch.Tensor) -> TokenStats:
+def token_stats(logits: torch.Tensor, top: bool = True) -> TokenStats:
     """Entropy (nats), top-1 probability and top-1 minus top-2 probability of softmax(logits).
 
     Args:
         logits: [B, G, V]. Computed in float32; -inf logits (impossible tokens) are handled exactly.
+        top: compute confidence and margin (a top-2 over the vocabulary); False leaves them 0.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # [B, G, V]
     p = logp.exp()
     entropy = torch.special.entr(p).sum(-1)  # entr(0) = 0, so impossible tokens add nothing
+    if not top:
+        return TokenStats(entropy=entropy, confidence=torch.zeros_like(entropy), margin=torch.zeros_like(entropy))
     top = p.topk(2, dim=-1).values if p.shape[-1] > 1 else torch.cat([p, torch.zeros_like(p)], -1)
     return TokenStats(entropy=entropy, confidence=top[..., 0], margin=top[..., 0] - top[..., 1])
 
@@ -154,6 +157,12 @@ class PolicyConfig:
         if self.max_per_step is None:
             return chosen
         return select_ranked(key, chosen, torch.full_like(_count(chosen), self.max_per_step))
+
+    @property
+    def reads_top(self) -> bool:
+        """Whether the policy reads confidence or margin (a top-2 over the vocabulary per position)."""
+        return self.policy in ("confidence", "margin", "threshold") or (self.policy == "eb" and
+                                                                        self.eb_proxy == "confidence")
 
     def key(self, stats: TokenStats | None, candidates: torch.Tensor) -> torch.Tensor:
         """[B, G] the policy's ranking key (lower is decoded first)."""

@@ -243,13 +243,14 @@ def _draw_split(logits, rows, in_answer, generators, config: SamplerConfig):
 
 
 def _position_stats(read: Readout, need: torch.Tensor, fresh: torch.Tensor, answer_cols: torch.Tensor,
-                    gold_cols: torch.Tensor | None):
+                    gold_cols: torch.Tensor | None, top: bool = True, guess: bool = True):
     """The T=1 statistics of one forward at the positions that are read, a chunk of positions at a time.
 
     Args:
         need: [b, G] positions whose logits are read (the current block's candidates, the answer block while fresh).
         fresh: [b] rows whose answer block is still fully masked; answer_cols: [G].
         gold_cols: [b, G] gold answer ids at the answer columns (phi), or None.
+        top, guess: whether confidence / margin and the answer block's argmax are needed.
     Returns:
         TokenStats of [b, G] tensors (0 where not read), [b, G] float64 log p(gold) at the fresh rows' answer
         columns (or None), and [b, G] argmax ids at those columns (for `record_answer_guess`).
@@ -262,11 +263,12 @@ def _position_stats(read: Readout, need: torch.Tensor, fresh: torch.Tensor, answ
     at_answer = fresh[r] & answer_cols[c]  # [N] positions H_UB, phi and the guess read
     for span, logits in read.chunks(r, c):  # logits [n, V]
         rs, cs = r[span], c[span]
-        s = token_stats(logits)
+        s = token_stats(logits, top=top)
         entropy[rs, cs], confidence[rs, cs], margin[rs, cs] = s.entropy, s.confidence, s.margin
         a = at_answer[span]
         if a.any():
-            argmax[rs[a], cs[a]] = logits[a].argmax(-1)
+            if guess:
+                argmax[rs[a], cs[a]] = logits[a].argmax(-1)
             if gold_logp is not None:
                 logp = torch.log_softmax(logits[a].double(), -1)  # [n_a, V]
                 gold_logp[rs[a], cs[a]] = logp.gather(-1, gold_cols[rs[a], cs[a]][:, None]).squeeze(-1)
@@ -365,7 +367,8 @@ def sample(
         # Left-to-right chooses by column alone: it reads logits only at the positions it decodes.
         chosen = config.select(None, candidates) if config.policy == "left_to_right" else None
         need = (candidates if chosen is None else chosen) | (answer_cols & fresh[:, None])
-        stats, gold_logp, argmax = _position_stats(read, need, fresh, answer_cols, gold_cols)
+        stats, gold_logp, argmax = _position_stats(read, need, fresh, answer_cols, gold_cols, top=config.reads_top,
+                                                   guess=guess is not None)
         t = nfe[active]  # [b] this forward's step index per row
         exiting = torch.zeros_like(t, dtype=torch.bool)
         reasoning_left = (masked & ~answer_cols).any(-1)  # [b]
