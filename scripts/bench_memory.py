@@ -4,7 +4,8 @@ The model is a thin bidirectional Gemma3 (LLaDA's vocabulary, `--hidden` wide, `
 so the peaks are those of the vocabulary-sized tensors (logits, softmax, their gradients) that an 8B model makes
 exactly as large. Each configuration runs in a fresh child process; its peak is the child's resident-set high-water
 mark (VmHWM, reset through /proc/self/clear_refs right before the measured work) minus its resident set just before
-it, so model weights, Python and torch are not counted and configurations cannot contaminate each other.
+it, so model weights, Python and torch are not counted and configurations cannot contaminate each other (glibc's
+mmap threshold is fixed, so freed tensors leave the resident set).
 
 - `rollout`: one sampler call on `--rows` rows (prompt + R reasoning + A answer, semi-AR blocks of 32, fixed k=32
   per step so a row takes R/32 + 1 forwards: the peak is per forward, the step count does not change it).
@@ -15,7 +16,7 @@ it, so model weights, Python and torch are not counted and configurations cannot
 `--baseline REV` runs every configuration a second time on the code of git revision REV (exported to a temporary
 directory; the measurement code is this file's, the library code REV's), side by side. The last line is JSON.
 
-    python scripts/bench_memory.py --baseline 62f7e66 --rows 1 2 8 --skip_baseline_above 2
+    python scripts/bench_memory.py --baseline 5972dad --current HEAD --rows 2 8 --skip_baseline_above 2
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=VOCAB)
     p.add_argument("--kinds", nargs="+", default=["rollout", "update_buckets", "update_sampled"])
     p.add_argument("--baseline", default=None, help="git revision to measure side by side (e.g. HEAD~3)")
+    p.add_argument("--current", default=None, help="git revision to measure as 'current' (default: the working tree)")
     p.add_argument("--baseline_only", action="store_true", help="measure only the baseline revision")
     p.add_argument("--skip_baseline_above", type=int, default=None,
                    help="measure the baseline only up to this many rows (its peaks can exceed the machine)")
@@ -169,7 +171,9 @@ def export_revision(rev: str, dest: str) -> str:
 
 
 def measure(spec: dict, code: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=code)
+    # A fixed mmap threshold: glibc otherwise raises it after big frees and serves later tensors from a heap that
+    # does not shrink, so the resident set would count memory already freed.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=code, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--code", code]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -186,14 +190,16 @@ def main(argv=None) -> dict:
     shape = {k: getattr(args, k) for k in ("reasoning_length", "answer_length", "hidden", "layers", "vocab")}
     result = {"vocab": args.vocab, "model": f"thin bidirectional Gemma3, hidden {args.hidden}, {args.layers} layers",
               "reasoning_length": args.reasoning_length, "answer_length": args.answer_length, "runs": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as tmp_current:
         codes = [] if args.baseline_only else [("current", str(ROOT))]
+        if args.current and codes:
+            codes = [(f"current {export_revision(args.current, tmp_current)}", tmp_current)]
         if args.baseline:
             codes.append((f"baseline {export_revision(args.baseline, tmp)}", tmp))
         for kind in args.kinds:
             for rows in args.rows:
                 for label, code in codes:
-                    if code != str(ROOT) and args.skip_baseline_above and rows > args.skip_baseline_above:
+                    if label.startswith("baseline") and args.skip_baseline_above and rows > args.skip_baseline_above:
                         continue
                     run = {"kind": kind, "rows": rows, "code": label, **measure({"kind": kind, "rows": rows, **shape},
                                                                                  code)}

@@ -130,7 +130,8 @@ def main(argv=None) -> dict:
         for cache in args.caches:
             spec = {"policy": policy, "cache": cache, "argv": argv}
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")  # see bench_memory.py
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
                 results[f"{policy}/{cache}"] = {"error": proc.stderr.strip().splitlines()[-1:]}
             else:
