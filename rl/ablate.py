@@ -142,10 +142,13 @@ def _prepare(ablation: Ablation, arm: str, seed: int, extra_args: list[str] | No
 
 
 def run_all(ablation: Ablation, extra_args: list[str] | None = None) -> list[dict]:
-    """Launch every (arm, seed) run not finished yet, `parallel` at a time; returns one status record per run."""
+    """Launch every (arm, seed) run not finished yet, `parallel` at a time; returns one status record per run.
+
+    Seed-major order (every arm's seed 0, then every arm's seed 1, ...): an ablation stopped part-way leaves every
+    arm with the same seeds, so the finished runs still compare paired."""
     check_keys(ablation)
     start = time.perf_counter()
-    order = [(a, s) for a in ablation.arms for s in range(ablation.seeds)]
+    order = [(a, s) for s in range(ablation.seeds) for a in ablation.arms]
     records: dict[tuple[str, int], dict] = {}
     queue, running = [], {}  # running: (arm, seed) -> (process, log file, start time)
     for arm, seed in order:
@@ -187,7 +190,7 @@ def run_all(ablation: Ablation, extra_args: list[str] | None = None) -> list[dic
             except subprocess.TimeoutExpired:
                 proc.kill()
             log.close()
-    return [records[key] for key in order]
+    return [records[(a, s)] for a in ablation.arms for s in range(ablation.seeds)]  # grouped by arm
 
 
 def default_launcher() -> str:

@@ -96,6 +96,9 @@ def test_run_all_launches_each_arm_and_seed_once_and_reports_failures(tmp_path):
     assert [(r["arm"], r["seed"], r["status"]) for r in runs][:4] == [
         ("outcome", 0, "ok"), ("outcome", 1, "ok"), ("dense", 0, "ok"), ("dense", 1, "ok")]
     assert all(r["status"].startswith("failed (exit 3") for r in runs[4:])
+    launched = sorted((tmp_path / "abl").glob("*/seed*/seen.json"), key=lambda p: p.stat().st_mtime_ns)
+    assert [(p.parts[-3], p.parts[-2]) for p in launched] == [  # seed-major: a stopped ablation stays paired
+        ("outcome", "seed0"), ("dense", "seed0"), ("outcome", "seed1"), ("dense", "seed1")]
     seen = json.loads((tmp_path / "abl/dense/seed1/seen.json").read_text())
     assert seen == {"learning_rate": 1e-4, "max_steps": 3, "dense_coef": 0.1, "seed": 1,
                     "output_dir": str(tmp_path / "abl/dense/seed1")}
@@ -198,7 +201,7 @@ def test_an_interrupted_ablation_stops_its_running_runs(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-    pids = [int((tmp_path / f"abl/outcome/seed{s}/pid").read_text()) for s in range(2)]
+    pids = [int((tmp_path / f"abl/{arm}/seed0/pid").read_text()) for arm in ("outcome", "dense")]  # seed-major
     time.sleep(0.5)
     for pid in pids:
         with pytest.raises(ProcessLookupError):  # terminated and reaped: no run outlives the ablation
