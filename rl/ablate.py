@@ -129,16 +129,31 @@ def run_recipe(ablation: Ablation, arm: str, seed: int) -> dict:
 
 
 def _prepare(ablation: Ablation, arm: str, seed: int, extra_args: list[str] | None) -> list[str]:
-    """The command of one unfinished run, after writing its recipe (an earlier unfinished attempt is removed)."""
+    """The command of one unfinished run, after writing its recipe.
+
+    An earlier attempt with the same recipe continues from its last complete checkpoint (`--resume`, fresh if it has
+    none: a Ctrl-C'd ablation loses at most each run's current step); one with a different recipe is removed (its
+    step logs would mix with the new ones)."""
     out = run_dir(ablation, arm, seed)
-    if os.path.isdir(out):  # an unfinished run: start it over (its step logs would mix with the new ones)
-        logger.info("%s seed %d: removing the unfinished run in %s.", arm, seed, out)
-        shutil.rmtree(out)
-    os.makedirs(out)
+    recipe = run_recipe(ablation, arm, seed)
     path = os.path.join(out, "run_recipe.yaml")
+    resume = False
+    if os.path.isdir(out):
+        previous = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                previous = yaml.safe_load(f)
+        resume = previous == recipe
+        if resume:
+            logger.info("%s seed %d: continuing the unfinished run in %s.", arm, seed, out)
+        else:
+            logger.info("%s seed %d: removing the unfinished run in %s (its recipe differs).", arm, seed, out)
+            shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
     with open(path, "w") as f:
-        yaml.safe_dump(run_recipe(ablation, arm, seed), f, sort_keys=False)
-    return [*shlex.split(ablation.launcher), ablation.script, path, *(extra_args or [])]
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    flags = ["--resume", "--fresh_if_no_checkpoint"] if resume else []
+    return [*shlex.split(ablation.launcher), ablation.script, path, *flags, *(extra_args or [])]
 
 
 def run_all(ablation: Ablation, extra_args: list[str] | None = None) -> list[dict]:
@@ -165,7 +180,7 @@ def run_all(ablation: Ablation, extra_args: list[str] | None = None) -> list[dic
                 cmd = _prepare(ablation, arm, seed, extra_args)  # written at launch: a stopped ablation leaves
                 # no prepared-but-never-run folders behind
                 logger.info("[%d/%d] %s seed %d: %s", total - len(queue), total, arm, seed, shlex.join(cmd))
-                log = open(os.path.join(run_dir(ablation, arm, seed), "train.log"), "w")
+                log = open(os.path.join(run_dir(ablation, arm, seed), "train.log"), "a")
                 running[(arm, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log,
                                         time.perf_counter())
             time.sleep(0.2)

@@ -234,3 +234,34 @@ def test_credit_diagnostics_against_hand_computed_values(tmp_path):
     assert d["phi_corr"][0.0] == pytest.approx(pearson([-3.0, -2.0, -4.0, -1.0], rewards))  # before reasoning
     # halfway: index round(0.5 * (n - 1)) of the defined steps, Python's round (half to even): 1, 0, 1, 1
     assert d["phi_corr"][0.5] == pytest.approx(pearson([-2.0, -2.0, -4.0, -0.5], rewards))
+
+
+ARGV_TRAINER = """
+import json, os, sys, yaml
+recipe = yaml.safe_load(open(sys.argv[1]))
+out = recipe["output_dir"]
+os.makedirs(os.path.join(out, "final"), exist_ok=True)
+os.makedirs(os.path.join(out, "heldout"), exist_ok=True)
+with open(os.path.join(out, "argv.json"), "w") as f:
+    json.dump(sys.argv[2:], f)
+"""
+
+
+def test_an_unfinished_run_continues_from_its_checkpoint_unless_its_recipe_changed(tmp_path):
+    script = tmp_path / "argv_trainer.py"
+    script.write_text(ARGV_TRAINER)
+    abl = ablation(tmp_path, script=str(script), launcher=sys.executable)
+    for arm in abl.arms:  # two earlier attempts stopped part-way: one with this recipe, one with another
+        out = tmp_path / f"abl/{arm}/seed0"
+        (out / "checkpoint-2").mkdir(parents=True)
+        recipe = run_recipe(abl, arm, 0)
+        if arm == "dense":
+            recipe["learning_rate"] = 9.0
+        (out / "run_recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run_all(abl, extra_args=["--x", "1"])
+    argv = {arm: json.loads((tmp_path / f"abl/{arm}/seed0/argv.json").read_text()) for arm in abl.arms}
+    assert argv["outcome"] == ["--resume", "--fresh_if_no_checkpoint", "--x", "1"]
+    assert (tmp_path / "abl/outcome/seed0/checkpoint-2").is_dir()  # kept for the run to continue from
+    assert argv["dense"] == ["--x", "1"]  # a changed recipe starts over in a clean folder
+    assert not (tmp_path / "abl/dense/seed0/checkpoint-2").exists()
+    assert json.loads((tmp_path / "abl/outcome/seed1/argv.json").read_text()) == ["--x", "1"]
