@@ -6,7 +6,8 @@
 Writes under the recipe's output_dir: <arm>/seed<k>/ (each run's outputs, run_recipe.yaml, train.log),
 results.csv and results.md (final held-out accuracy mean ± std; steps and cumulative rollout NFE to reach the
 reference arm's final accuracy) and curves.png (held-out accuracy and train reward vs step and vs rollout NFE,
-shaded ± 1 std across seeds). Finished runs (with final/) are skipped, so an interrupted ablation resumes.
+shaded ± 1 std across seeds). Finished runs (with final/) are skipped and unfinished ones continue from their last
+checkpoint, so an interrupted ablation resumes.
 The last stdout line is a JSON summary.
 """
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="Ablation recipe (base, script, common, arms, reference_arm, ...).")
     parser.add_argument("--seeds", type=int, default=None, help="Seeds per arm (default: the recipe's, else 3).")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="Runs at once (default: the recipe's; 1 when another ablation shares the cores).")
     parser.add_argument("--output_dir", default=None, help="Where runs and results go (default: the recipe's).")
     parser.add_argument("--launcher", default=None, help="Command prefix before the training script "
                         "(default: accelerate launch; e.g. 'python' to run in a plain process).")
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # stops the running runs too
-    ablation = load_ablation(args.recipe, seeds=args.seeds, output_dir=args.output_dir, launcher=args.launcher)
+    ablation = load_ablation(args.recipe, seeds=args.seeds, output_dir=args.output_dir, launcher=args.launcher,
+                             parallel=args.parallel)
     runs = [] if args.report_only else run_all(ablation, extra)
     summary = report(ablation, args.title)
     summary["runs"] = runs
