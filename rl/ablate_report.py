@@ -40,13 +40,17 @@ def read_run(folder: str) -> dict:
     """Curves of one run: held-out accuracy per evaluated step, train reward and rollout NFE per step.
 
     Returns {"eval": [(step, accuracy, cumulative rollout NFE before that step)], "train": [(step, mean outcome
-    reward, cumulative NFE after the step)]}. The outcome reward is the first reward function's value.
+    reward, cumulative NFE after the step)], "decoding": [(step, tokens per NFE, mean NLL of the decoded tokens,
+    mean final answer entropy)]}. The outcome reward is the first reward function's value. The decoding curves
+    (NaN where the rollout logs lack the fields) are how parallel decoding moves during RL: decoded tokens over
+    forwards, -log-prob of each decoded token at its own step, and each row's last logged H_UB.
     """
-    train, cumulative, nfe_before = [], 0, {}
+    train, decoding, cumulative, nfe_before = [], [], 0, {}
     for step, paths in sorted(_step_files(os.path.join(folder, "rollouts")).items()):
         rows = _records(paths)
         nfe_before[step] = cumulative
         cumulative += sum(r["nfe"] for r in rows)
+        decoding.append((step, *_decoding_stats(rows)))
         rewards = [r["rewards"][0] for r in rows if r.get("rewards") and r["rewards"][0] is not None]
         train.append((step, statistics.fmean(rewards) if rewards else math.nan, cumulative))
     evals = []
@@ -56,7 +60,20 @@ def read_run(folder: str) -> dict:
         # global step s is everything logged for steps < s.
         spent = nfe_before.get(step, cumulative if step > 0 else 0)
         evals.append((step, sum(r["correct"] for r in rows) / max(1, len(rows)), spent))
-    return {"eval": evals, "train": train}
+    return {"eval": evals, "train": train, "decoding": decoding}
+
+
+def _decoding_stats(rows: list[dict]) -> tuple[float, float, float]:
+    """(tokens per NFE, mean NLL of decoded tokens, mean final H_UB) over one step's rollout records."""
+    decoded = [[lp for d, lp in zip(r["decode_step"], r["token_logprob"]) if d >= 0]
+               for r in rows if "decode_step" in r and "token_logprob" in r]
+    nfe = sum(r["nfe"] for r in rows if "decode_step" in r)
+    tokens = sum(len(d) for d in decoded)
+    nll = [-lp for d in decoded for lp in d]
+    final_h = [[h for h in r["h_ub"] if h is not None][-1] for r in rows
+               if any(h is not None for h in r.get("h_ub") or [])]
+    return (tokens / nfe if nfe else math.nan, statistics.fmean(nll) if nll else math.nan,
+            statistics.fmean(final_h) if final_h else math.nan)
 
 
 def final_rows(folder: str) -> dict[int, bool]:
@@ -311,6 +328,48 @@ def plot(curves: dict, folder: str, title: str, smooth: int = 5) -> str:
     return path
 
 
+def plot_decoding(curves: dict, folder: str, title: str, smooth: int = 5) -> str:
+    """2 x 2 PNG of how decoding moves during training: held-out accuracy, tokens per NFE, NLL of the decoded
+    tokens and final answer entropy against optimizer steps (the stability check for parallel decoding in RL)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    colors = plt.get_cmap("tab10")
+    k = max(1, smooth)
+    for i, (arm, runs) in enumerate(curves.items()):
+        runs = [c for c in runs.values() if c["eval"] or c.get("decoding")]
+        if not runs:
+            continue
+        color = colors(i % 10)
+        ev = [c["eval"] for c in runs]
+        _band(axes[0, 0], [[s for s, _, _ in e] for e in ev], [[a for _, a, _ in e] for e in ev], arm, color)
+        dec = [c.get("decoding", []) for c in runs]
+        for ax, j in ((axes[0, 1], 1), (axes[1, 0], 2), (axes[1, 1], 3)):
+            series = [[x for x in d if math.isfinite(x[j])] for d in dec]  # logs without the fields: no curve
+            series = [d for d in series if d]
+            ys = [[statistics.fmean(x[j] for x in d[max(0, t - k + 1) : t + 1]) for t in range(len(d))]
+                  for d in series]
+            if series:
+                _band(ax, [[x[0] + 1 for x in d] for d in series], ys, arm, color)
+    labels = ["held-out accuracy (greedy)", f"rollout tokens per NFE ({k}-step mean)",
+              f"NLL of decoded tokens, nats ({k}-step mean)",
+              f"answer entropy H_UB at the last step, nats ({k}-step mean)"]
+    for ax, y in zip(axes.flat, labels):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(f"{title}: decoding during training (mean ± 1 std across seeds)")
+    fig.tight_layout()
+    path = os.path.join(folder, "decoding.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _group_size(folder: str) -> int:
     path = os.path.join(folder, "run_recipe.yaml")
     if not os.path.exists(path):
@@ -348,13 +407,16 @@ def diagnostics_lines(ablation: Ablation) -> list[str]:
 
 
 def report(ablation: Ablation, title: str | None = None) -> dict:
-    """Write results.csv, results.md and curves.png under the ablation's output_dir; returns a JSON summary."""
+    """Write results.csv, results.md, curves.png and decoding.png under the ablation's output_dir; returns a JSON
+    summary."""
     table, curves = summarize(ablation)
     os.makedirs(ablation.output_dir, exist_ok=True)
     csv_path, md_path = write_table(table, ablation.output_dir, ablation.reference_arm)
     with open(md_path, "a") as f:
         f.write("\n".join(diagnostics_lines(ablation)) + "\n")
-    png = plot(curves, ablation.output_dir, title or os.path.basename(ablation.output_dir.rstrip("/")))
-    return {"table": table, "csv": csv_path, "markdown": md_path, "png": png}
+    title = title or os.path.basename(ablation.output_dir.rstrip("/"))
+    png = plot(curves, ablation.output_dir, title)
+    decoding_png = plot_decoding(curves, ablation.output_dir, title)
+    return {"table": table, "csv": csv_path, "markdown": md_path, "png": png, "decoding_png": decoding_png}
 
 

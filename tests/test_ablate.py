@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -37,6 +38,25 @@ def test_read_run_counts_nfe_spent_before_each_evaluation(tmp_path):
     run = read_run(str(tmp_path))
     assert run["train"] == [(0, 0.5, 16), (1, 1.0, 32)]  # the first reward function is the outcome reward
     assert run["eval"] == [(0, 0.25, 0), (2, 0.5, 32)]
+
+
+def test_decoding_curves_against_hand_computed_values(tmp_path):
+    from rl.ablate_report import plot_decoding
+
+    write_run(tmp_path, {0: [1, 0]}, {})
+    rows = [  # decode_step -1: never decoded; h_ub None: after the row's last step
+        {"nfe": 2, "rewards": [1.0], "decode_step": [0, 0, 1, -1], "token_logprob": [-0.5, -1.0, -1.5, 0.0],
+         "h_ub": [2.0, 1.0, None]},
+        {"nfe": 3, "rewards": [0.0], "decode_step": [0, 1, 2, 2], "token_logprob": [0.0, -2.0, -1.0, -1.0],
+         "h_ub": [3.0, 0.5, 0.25, None]},
+    ]
+    (tmp_path / "rollouts" / "step000000_rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    step, tokens_per_nfe, nll, entropy = read_run(str(tmp_path))["decoding"][0]
+    assert step == 0 and tokens_per_nfe == 7 / 5  # 3 + 4 decoded tokens over 2 + 3 forwards
+    assert nll == (0.5 + 1.0 + 1.5 + 0.0 + 2.0 + 1.0 + 1.0) / 7
+    assert entropy == (1.0 + 0.25) / 2
+    png = plot_decoding({"arm": {0: read_run(str(tmp_path))}}, str(tmp_path), "t")
+    assert os.path.getsize(png) > 10_000
 
 
 def test_summary_table_against_hand_computed_values(tmp_path):
