@@ -275,6 +275,13 @@ def write_table(table: list[dict], folder: str, reference: str) -> tuple[str, st
     return csv_path, md_path
 
 
+def _common_steps(curves: list[list[tuple]]) -> list[list[tuple]]:
+    """Each seed's evaluations at the steps every seed evaluated (an off-schedule one, e.g. where an older run
+    resumed, would shift the index-aligned mean)."""
+    common = set.intersection(*(set(p[0] for p in c) for c in curves)) if curves else set()
+    return [[p for p in c if p[0] in common] for c in curves]
+
+
 def _band(ax, xs_per_seed: list[list[float]], ys_per_seed: list[list[float]], label: str, color) -> None:
     """Mean curve with a ±1 std band across seeds (curves aligned by index; x is the mean across seeds)."""
     n = min(len(y) for y in ys_per_seed)
@@ -303,7 +310,7 @@ def plot(curves: dict, folder: str, title: str, smooth: int = 5) -> str:
         if not runs:
             continue
         color = colors(i % 10)
-        ev = [c["eval"] for c in runs]
+        ev = _common_steps([c["eval"] for c in runs])
         _band(axes[0, 0], [[s for s, _, _ in e] for e in ev], [[a for _, a, _ in e] for e in ev], arm, color)
         _band(axes[0, 1], [[n for _, _, n in e] for e in ev], [[a for _, a, _ in e] for e in ev], arm, color)
         tr = [c["train"] for c in runs]
@@ -344,7 +351,7 @@ def plot_decoding(curves: dict, folder: str, title: str, smooth: int = 5) -> str
         if not runs:
             continue
         color = colors(i % 10)
-        ev = [c["eval"] for c in runs]
+        ev = _common_steps([c["eval"] for c in runs])
         _band(axes[0, 0], [[s for s, _, _ in e] for e in ev], [[a for _, a, _ in e] for e in ev], arm, color)
         dec = [c.get("decoding", []) for c in runs]
         for ax, j in ((axes[0, 1], 1), (axes[1, 0], 2), (axes[1, 1], 3)):

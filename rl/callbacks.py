@@ -42,7 +42,10 @@ class HeldOutEvalCallback(TrainerCallback):
         self.history: list[dict] = []  # one entry per evaluation, steps increasing
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.run(state.global_step)
+        # Before training, and on resume only at a scheduled step: a run resumed at step 27 of an every-10 schedule
+        # would otherwise add an off-schedule evaluation and misalign its curve with uninterrupted runs'.
+        if state.global_step % self.every == 0:
+            self.run(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:

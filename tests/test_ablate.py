@@ -285,3 +285,17 @@ def test_an_unfinished_run_continues_from_its_checkpoint_unless_its_recipe_chang
     assert argv["dense"] == ["--x", "1"]  # a changed recipe starts over in a clean folder
     assert not (tmp_path / "abl/dense/seed0/checkpoint-2").exists()
     assert json.loads((tmp_path / "abl/outcome/seed1/argv.json").read_text()) == ["--x", "1"]
+
+
+def test_a_resumed_run_evaluates_only_on_its_schedule():
+    from types import SimpleNamespace
+
+    from rl.callbacks import HeldOutEvalCallback
+
+    cb = HeldOutEvalCallback(trainer=None, dataset=[{"prompt": "p", "answer": "1"}], sampler=None, every=10,
+                             template=None)
+    ran = []
+    cb.run = ran.append
+    for step in (0, 27, 20):  # fresh start; resumed off-schedule (no eval); resumed at a scheduled step
+        cb.on_train_begin(None, SimpleNamespace(global_step=step), None)
+    assert ran == [0, 20]
