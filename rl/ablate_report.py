@@ -322,14 +322,20 @@ def plot(curves: dict, folder: str, title: str, smooth: int = 5) -> str:
     labels = [("optimizer step", "held-out accuracy"), ("cumulative rollout NFE (row forwards)", "held-out accuracy"),
               ("optimizer step", f"train outcome reward ({smooth}-step mean)"),
               ("cumulative rollout NFE (row forwards)", f"train outcome reward ({smooth}-step mean)")]
+    return _save(fig, axes, labels, f"{title}: mean ± 1 std across seeds", os.path.join(folder, "curves.png"))
+
+
+def _save(fig, axes, labels: list[tuple[str, str]], title: str, path: str) -> str:
+    """Label the 2 x 2 panels ((x, y) per panel), title the figure and write it to `path`."""
+    import matplotlib.pyplot as plt
+
     for ax, (x, y) in zip(axes.flat, labels):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
-    fig.suptitle(f"{title}: mean ± 1 std across seeds")
+    fig.suptitle(title)
     fig.tight_layout()
-    path = os.path.join(folder, "curves.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -361,20 +367,11 @@ def plot_decoding(curves: dict, folder: str, title: str, smooth: int = 5) -> str
                   for d in series]
             if series:
                 _band(ax, [[x[0] + 1 for x in d] for d in series], ys, arm, color)
-    labels = ["held-out accuracy (greedy)", f"rollout tokens per NFE ({k}-step mean)",
-              f"NLL of decoded tokens, nats ({k}-step mean)",
-              f"answer entropy H_UB at the last step, nats ({k}-step mean)"]
-    for ax, y in zip(axes.flat, labels):
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(y)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=9)
-    fig.suptitle(f"{title}: decoding during training (mean ± 1 std across seeds)")
-    fig.tight_layout()
-    path = os.path.join(folder, "decoding.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    labels = [("optimizer step", y) for y in (
+        "held-out accuracy (greedy)", f"rollout tokens per NFE ({k}-step mean)",
+        f"NLL of decoded tokens, nats ({k}-step mean)", f"answer entropy H_UB at the last step, nats ({k}-step mean)")]
+    return _save(fig, axes, labels, f"{title}: decoding during training (mean ± 1 std across seeds)",
+                 os.path.join(folder, "decoding.png"))
 
 
 def _group_size(folder: str) -> int:
