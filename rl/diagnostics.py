@@ -148,8 +148,8 @@ class DiagnosticsMixin:
         m["rollout/exit_rate"].append(self._gather_mean(out.exited.float()))
         if self._sampler.prune_phi is not None:
             m["rollout/prune_rate"].append(self._gather_mean(out.pruned.float()))
-        m["rollout/tokens_per_nfe"].append(self._gather_mean(out.generated.sum(-1).float() / out.nfe.clamp(min=1)))
         stats = {k: self._gather_mean(torch.tensor([v])) for k, v in round_stats(out).items()}  # the guard's inputs
+        m["rollout/tokens_per_nfe"].append(stats["tokens_per_nfe"])
         m["rollout/decode_nll"].append(stats["decode_nll"])
         m["rollout/answer_entropy"].append(stats["answer_entropy"])
         if getattr(self, "_guard", None) is not None and mode == "train":

@@ -67,7 +67,7 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
 def left_to_right(candidates: torch.Tensor, k: int) -> torch.Tensor:
     """The k leftmost candidates."""
     cols = torch.arange(candidates.shape[-1], device=candidates.device).expand(candidates.shape)
-    return select_ranked(cols.float(), candidates, torch.full_like(_count(candidates), k))
+    return top_k(cols.float(), candidates, k)
 
 
 def top_k(key: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
@@ -147,7 +147,7 @@ class PolicyConfig:
         left_to_right, which ranks by column alone."""
         key = self.key(stats, candidates)
         if self.policy in ("left_to_right", "entropy", "confidence", "margin"):
-            chosen = select_ranked(key, candidates, torch.full_like(_count(candidates), self.k))
+            chosen = top_k(key, candidates, self.k)
         elif self.policy == "med":
             chosen = med(stats.entropy, candidates, self.med_lambda, self.med_k_max)
         elif self.policy == "eb":
@@ -156,7 +156,7 @@ class PolicyConfig:
             chosen = threshold(stats.confidence, candidates, self.tau)
         if self.max_per_step is None:
             return chosen
-        return select_ranked(key, chosen, torch.full_like(_count(chosen), self.max_per_step))
+        return top_k(key, chosen, self.max_per_step)
 
     @property
     def reads_top(self) -> bool:
