@@ -205,6 +205,8 @@ def cache_rollouts(adapter, canvas, args, temperature: float, exit_gamma: float,
 def update_memory(model, rows_tok, args, device, bf16: bool) -> dict:
     """Peak memory of one GRPO update alone (rollouts generated first), trajectory S=8 buckets and S=8 sampled steps.
     LoRA r=128 on every linear layer, gradient checkpointing, beta 0; tokens in the loss and bytes per such token."""
+    from bench_memory import _text_hash  # the same cheap deterministic reward as the CPU envelope
+
     out = {}
     for sampled in (False, True):
         with tempfile.TemporaryDirectory() as out_dir:
@@ -223,10 +225,6 @@ def update_memory(model, rows_tok, args, device, bf16: bool) -> dict:
             "peak_memory_gib": peak, "loss_tokens": tokens,
             "bytes_per_loss_token": None if peak is None else round(peak * 2**30 / max(1, tokens))}
     return out
-
-
-def _text_hash(completions, **kwargs):
-    return [sum(map(ord, c)) % 13 / 13 for c in completions]
 
 
 def _trainer(model, rows_tok, args, device, bf16: bool, out_dir: str, reward, **overrides):
@@ -266,21 +264,18 @@ def _release(trainer) -> None:
 
 def grpo_step(model, tokenizer_texts, args, device, bf16: bool) -> dict:
     """One LoRA GRPO step through the trainer; peak CUDA memory (None on CPU) and wall time."""
-    import torch
 
     with tempfile.TemporaryDirectory() as out:
         trainer = _trainer(model, tokenizer_texts, args, device, bf16, out, reward=_math())
-        if str(device).startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        _sync(device)
+        _peak_reset(device)
         start = time.perf_counter()
         trainer.train()
         _sync(device)
         wall = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda") else None
+        peak = _peak_gib(device)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         _release(trainer)
-    return {"rows": args.rows, "wall_s": round(wall, 2), "peak_memory_gib": None if peak is None else round(peak, 2),
+    return {"rows": args.rows, "wall_s": round(wall, 2), "peak_memory_gib": peak,
             "trainable_params": trainable, "lora_r": 128, "gradient_checkpointing": True}
 
 
