@@ -14,7 +14,9 @@ Every key of the base recipe, `common` and the arms must be a key of the script'
 `rl/cli_help.json`, no heavy import): an unknown one fails before anything is launched, naming it. Each (arm, seed)
 run gets a flat recipe (base + common + arm + seed + output_dir) written next to its outputs and is launched as its
 own process (`accelerate launch` by default), so a crashed run is reported as failed (in the table too) while the
-others complete, and finished runs (those with `final/`) are not run again. Each run's status and wall time go to
+others complete. A finished run (one with `final/`) is not run again; one launched with another recipe or other
+extra arguments (`run_recipe.yaml`, `run_args.json`) is an error before anything launches, never reported as this
+ablation's. Each run's status and wall time go to
 its `run.json`. Results are read back from what every run writes anyway:
 `heldout/step*_rank*.jsonl` (held-out samples at each evaluation) and `rollouts/step*_rank*.jsonl` (training
 rollouts with their NFE and rewards).
@@ -128,32 +130,45 @@ def run_recipe(ablation: Ablation, arm: str, seed: int) -> dict:
     return recipe
 
 
-def _prepare(ablation: Ablation, arm: str, seed: int, extra_args: list[str] | None) -> list[str]:
-    """The command of one unfinished run, after writing its recipe.
+def _launch(ablation: Ablation, arm: str, seed: int, extra_args: list[str] | None) -> dict:
+    """What defines one run: its flat recipe and the extra command-line arguments every run gets."""
+    return {"recipe": run_recipe(ablation, arm, seed), "args": list(extra_args or [])}
 
-    An earlier attempt with the same recipe continues from its last complete checkpoint (`--resume`, fresh if it has
-    none: a Ctrl-C'd ablation loses at most each run's current step); one with a different recipe is removed (its
-    step logs would mix with the new ones)."""
+
+def _launched(out: str) -> dict | None:
+    """The launch an existing run folder records (`run_recipe.yaml`, `run_args.json`); None if it records none."""
+    paths = [os.path.join(out, name) for name in ("run_recipe.yaml", "run_args.json")]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    with open(paths[0]) as f, open(paths[1]) as g:
+        return {"recipe": yaml.safe_load(f), "args": json.load(g)}
+
+
+def _prepare(ablation: Ablation, arm: str, seed: int, extra_args: list[str] | None) -> list[str]:
+    """The command of one unfinished run, after writing its recipe and arguments.
+
+    An earlier attempt with the same recipe and arguments continues from its last complete checkpoint (`--resume`,
+    fresh if it has none: a Ctrl-C'd ablation loses at most each run's current step); one launched differently is
+    removed (its step logs would mix with the new ones)."""
     out = run_dir(ablation, arm, seed)
-    recipe = run_recipe(ablation, arm, seed)
-    path = os.path.join(out, "run_recipe.yaml")
+    launch = _launch(ablation, arm, seed, extra_args)
     resume = False
     if os.path.isdir(out):
-        previous = None
-        if os.path.isfile(path):
-            with open(path) as f:
-                previous = yaml.safe_load(f)
-        resume = previous == recipe
+        resume = _launched(out) == launch
         if resume:
             logger.info("%s seed %d: continuing the unfinished run in %s.", arm, seed, out)
         else:
-            logger.info("%s seed %d: removing the unfinished run in %s (its recipe differs).", arm, seed, out)
+            logger.info("%s seed %d: removing the unfinished run in %s (launched with another recipe or other "
+                        "arguments).", arm, seed, out)
             shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "run_recipe.yaml")
     with open(path, "w") as f:
-        yaml.safe_dump(recipe, f, sort_keys=False)
+        yaml.safe_dump(launch["recipe"], f, sort_keys=False)
+    with open(os.path.join(out, "run_args.json"), "w") as f:
+        json.dump(launch["args"], f)
     flags = ["--resume", "--fresh_if_no_checkpoint"] if resume else []
-    return [*shlex.split(ablation.launcher), ablation.script, path, *flags, *(extra_args or [])]
+    return [*shlex.split(ablation.launcher), ablation.script, path, *flags, *launch["args"]]
 
 
 def run_all(ablation: Ablation, extra_args: list[str] | None = None) -> list[dict]:
@@ -166,12 +181,20 @@ def run_all(ablation: Ablation, extra_args: list[str] | None = None) -> list[dic
     order = [(a, s) for s in range(ablation.seeds) for a in ablation.arms]
     records: dict[tuple[str, int], dict] = {}
     queue, running = [], {}  # running: (arm, seed) -> (process, log file, start time)
+    stale = []
     for arm, seed in order:
-        if os.path.isdir(os.path.join(run_dir(ablation, arm, seed), "final")):
+        out = run_dir(ablation, arm, seed)
+        if not os.path.isdir(os.path.join(out, "final")):
+            queue.append((arm, seed))
+        elif _launched(out) != _launch(ablation, arm, seed, extra_args):
+            stale.append(out)
+        else:
             logger.info("%s seed %d: already finished, skipped.", arm, seed)
             records[(arm, seed)] = {"arm": arm, "seed": seed, "status": "done"}
-        else:
-            queue.append((arm, seed))
+    if stale:
+        raise ValueError(f"Finished run(s) {stale} were launched with another recipe or other arguments (or record "
+                         "none) than this ablation gives them now, so their results would be reported as this "
+                         "ablation's. Remove them or use another --output_dir. Nothing was launched.")
     total = len(queue)
     try:
         while queue or running:

@@ -7,7 +7,8 @@ Writes under the recipe's output_dir: <arm>/seed<k>/ (each run's outputs, run_re
 results.csv and results.md (final held-out accuracy mean ± std; steps and cumulative rollout NFE to reach the
 reference arm's final accuracy) and curves.png (held-out accuracy and train reward vs step and vs rollout NFE,
 shaded ± 1 std across seeds). Finished runs (with final/) are skipped and unfinished ones continue from their last
-checkpoint, so an interrupted ablation resumes.
+checkpoint, so an interrupted ablation resumes; a run launched with another recipe or other extra arguments
+starts over if unfinished and is an error if finished (pick another --output_dir).
 The last stdout line is a JSON summary.
 """
 

@@ -267,24 +267,43 @@ with open(os.path.join(out, "argv.json"), "w") as f:
 """
 
 
-def test_an_unfinished_run_continues_from_its_checkpoint_unless_its_recipe_changed(tmp_path):
+def test_an_unfinished_run_continues_from_its_checkpoint_unless_its_recipe_or_arguments_changed(tmp_path):
     script = tmp_path / "argv_trainer.py"
     script.write_text(ARGV_TRAINER)
     abl = ablation(tmp_path, script=str(script), launcher=sys.executable)
-    for arm in abl.arms:  # two earlier attempts stopped part-way: one with this recipe, one with another
+    abl.arms["other_args"] = {}
+    for arm in abl.arms:  # earlier attempts stopped part-way: one as now, one with another recipe, other arguments
         out = tmp_path / f"abl/{arm}/seed0"
         (out / "checkpoint-2").mkdir(parents=True)
         recipe = run_recipe(abl, arm, 0)
         if arm == "dense":
             recipe["learning_rate"] = 9.0
         (out / "run_recipe.yaml").write_text(yaml.safe_dump(recipe))
+        (out / "run_args.json").write_text(json.dumps(["--x", "2" if arm == "other_args" else "1"]))
     run_all(abl, extra_args=["--x", "1"])
     argv = {arm: json.loads((tmp_path / f"abl/{arm}/seed0/argv.json").read_text()) for arm in abl.arms}
     assert argv["outcome"] == ["--resume", "--fresh_if_no_checkpoint", "--x", "1"]
     assert (tmp_path / "abl/outcome/seed0/checkpoint-2").is_dir()  # kept for the run to continue from
-    assert argv["dense"] == ["--x", "1"]  # a changed recipe starts over in a clean folder
-    assert not (tmp_path / "abl/dense/seed0/checkpoint-2").exists()
+    for arm in ("dense", "other_args"):  # launched differently: starts over in a clean folder
+        assert argv[arm] == ["--x", "1"]
+        assert not (tmp_path / f"abl/{arm}/seed0/checkpoint-2").exists()
     assert json.loads((tmp_path / "abl/outcome/seed1/argv.json").read_text()) == ["--x", "1"]
+
+
+def test_a_finished_run_launched_differently_is_an_error_not_a_result(tmp_path):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    abl = ablation(tmp_path, script=str(script), launcher=sys.executable, common={"max_steps": 3})
+    assert [r["status"] for r in run_all(abl, extra_args=["--model_name_or_path", "A"])] == ["ok"] * 4
+    assert [r["status"] for r in run_all(abl, extra_args=["--model_name_or_path", "A"])] == ["done"] * 4
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").glob("*/seed*/seen.json")}
+    with pytest.raises(ValueError, match="other arguments") as err:
+        run_all(abl, extra_args=["--model_name_or_path", "B"])
+    assert "dense/seed1" in str(err.value) and "Nothing was launched" in str(err.value)
+    abl.common["max_steps"] = 4
+    with pytest.raises(ValueError, match="another recipe"):
+        run_all(abl, extra_args=["--model_name_or_path", "A"])
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").glob("*/seed*/seen.json")}
 
 
 def test_a_resumed_run_evaluates_only_on_its_schedule():
