@@ -16,8 +16,8 @@ run gets a flat recipe (base + common + arm + seed + output_dir) written next to
 own process (`accelerate launch` by default), so a crashed run is reported as failed (in the table too) while the
 others complete. A finished run (one with `final/`) is not run again; one launched with another recipe or other
 extra arguments (`run_recipe.yaml`, `run_args.json`) is an error before anything launches, never reported as this
-ablation's. Each run's status and wall time go to
-its `run.json`. Results are read back from what every run writes anyway:
+ablation's. Each run's status and wall time go to its `run.json`. Results are read back from what every run writes
+anyway:
 `heldout/step*_rank*.jsonl` (held-out samples at each evaluation) and `rollouts/step*_rank*.jsonl` (training
 rollouts with their NFE and rewards).
 """

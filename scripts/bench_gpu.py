@@ -264,7 +264,6 @@ def _release(trainer) -> None:
 
 def grpo_step(model, tokenizer_texts, args, device, bf16: bool) -> dict:
     """One LoRA GRPO step through the trainer; peak CUDA memory (None on CPU) and wall time."""
-
     with tempfile.TemporaryDirectory() as out:
         trainer = _trainer(model, tokenizer_texts, args, device, bf16, out, reward=_math())
         _peak_reset(device)
